@@ -1,0 +1,71 @@
+# runsvc build, check and run targets. `make` alone lists them.
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+INSTALL_STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+BUF := node_modules/.bin/buf
+PY_SOURCES = $(wildcard runsvc tests migrations tools clients)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help install node_modules proto proto-check buf-lint lint services test run migrate clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(INSTALL_STAMP) ## Create .venv and install runsvc, runsvc-client and the test tools
+
+$(INSTALL_STAMP): pyproject.toml clients/pyproject.toml
+	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install --disable-pip-version-check -e ./clients -e '.[test]'
+	@touch $@
+
+node_modules: $(NODE_STAMP) ## Install the Node tools (buf) from package-lock.json
+
+$(NODE_STAMP): package.json $(wildcard package-lock.json)
+	@if [ -f package-lock.json ]; then \
+		npm ci --no-audit --no-fund; \
+	else \
+		npm install --no-audit --no-fund; \
+	fi
+	@touch $@
+
+proto: $(INSTALL_STAMP) ## Regenerate clients/runsvc_client/v1 from proto/
+	$(VENV_PY) tools/gen_proto.py
+
+proto-check: $(INSTALL_STAMP) ## Fail if clients/runsvc_client/v1 is not what proto/ generates
+	$(VENV_PY) tools/gen_proto.py --check
+
+buf-lint: $(NODE_STAMP) ## Lint and format-check the .proto files with buf
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+lint: $(INSTALL_STAMP) ## ruff check, ruff format --check, then buf-lint
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
+	$(MAKE) --no-print-directory buf-lint
+
+services: ## Make sure PostgreSQL and Redis are reachable for the tests
+	@bash scripts/services.sh
+
+test: $(INSTALL_STAMP) $(NODE_STAMP) ## Run services, proto-check, buf-lint and pytest (PYTEST_ARGS=...)
+	@bash scripts/services.sh
+	$(VENV_PY) tools/gen_proto.py --check
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+run: $(INSTALL_STAMP) ## Apply the migrations, then serve
+	$(VENV)/bin/runsvc migrate
+	$(VENV)/bin/runsvc serve
+
+migrate: $(INSTALL_STAMP) ## Apply the database migrations
+	$(VENV)/bin/runsvc migrate
+
+clean: ## Remove the venv, node_modules and caches
+	rm -rf $(VENV) node_modules build dist .pytest_cache .ruff_cache .mypy_cache
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
+	find . -name '*.egg-info' -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -1,0 +1,205 @@
+"""The pure domain: run and job states, the transition table, liveness rules.
+
+Nothing here touches a database, a network or the wall clock. The store turns
+each transition into one guarded statement whose ``WHERE state IN (...)`` comes
+from :data:`TRANSITIONS`, so the table below is the single place that says
+which state changes are legal.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+class RunState(enum.StrEnum):
+    PENDING = "PENDING"  # created, no worker yet
+    RUNNING = "RUNNING"  # a worker holds the lease
+    COMPLETED = "COMPLETED"  # the worker finished it
+    CANCELLED = "CANCELLED"  # cancel acknowledged, force-cancelled, or lost while cancelling
+    STOPPED = "STOPPED"  # liveness lost
+    FAILED = "FAILED"  # the worker reported a fatal error
+
+
+ACTIVE_STATES = frozenset({RunState.PENDING, RunState.RUNNING})
+TERMINAL_STATES = frozenset(set(RunState) - ACTIVE_STATES)
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    IN_PROGRESS = "IN_PROGRESS"  # handed to the lease holder; holds a concurrency slot
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class JobOutcome(enum.StrEnum):
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class RunOutcome(enum.StrEnum):
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class StopReason(enum.StrEnum):
+    """Why a run (or its unfinished jobs) ended other than by finishing normally."""
+
+    HEARTBEAT_TIMEOUT = "HEARTBEAT_TIMEOUT"  # no heartbeat within the stale threshold
+    STARTUP_CLEANUP = "STARTUP_CLEANUP"  # silent for the startup horizon when a server started
+    EMPTY_QUEUE = "EMPTY_QUEUE"  # silent with nothing left to do
+    CANCELLED_BY_USER = "CANCELLED_BY_USER"  # a cancel request, acknowledged or on a pending run
+    CANCEL_TIMEOUT = "CANCEL_TIMEOUT"  # a cancel request the worker never acknowledged
+    FORCE_CANCELLED = "FORCE_CANCELLED"  # ForceCancel
+    WORKER_FAILED = "WORKER_FAILED"  # FinishRun with outcome FAILED
+    WORKER_LOST = "WORKER_LOST"  # for a job in progress when its run ended
+
+
+class Event(enum.StrEnum):
+    CLAIM = "CLAIM"  # a worker takes a pending run
+    RESUME = "RESUME"  # the same worker takes its running run again
+    FINISH_COMPLETED = "FINISH_COMPLETED"
+    FINISH_FAILED = "FINISH_FAILED"
+    FINISH_CANCELLED = "FINISH_CANCELLED"
+    CANCEL_PENDING = "CANCEL_PENDING"  # cancel of a run nobody holds ends it at once
+    FORCE_CANCEL = "FORCE_CANCEL"
+    LOST = "LOST"  # liveness lost, no cancel requested
+    LOST_WHILE_CANCELLING = "LOST_WHILE_CANCELLING"  # liveness lost after a cancel request
+
+
+TRANSITIONS: Mapping[tuple[RunState, Event], RunState] = {
+    (RunState.PENDING, Event.CLAIM): RunState.RUNNING,
+    (RunState.RUNNING, Event.RESUME): RunState.RUNNING,
+    (RunState.RUNNING, Event.FINISH_COMPLETED): RunState.COMPLETED,
+    (RunState.RUNNING, Event.FINISH_FAILED): RunState.FAILED,
+    (RunState.RUNNING, Event.FINISH_CANCELLED): RunState.CANCELLED,
+    (RunState.PENDING, Event.CANCEL_PENDING): RunState.CANCELLED,
+    (RunState.PENDING, Event.FORCE_CANCEL): RunState.CANCELLED,
+    (RunState.RUNNING, Event.FORCE_CANCEL): RunState.CANCELLED,
+    (RunState.RUNNING, Event.LOST): RunState.STOPPED,
+    (RunState.RUNNING, Event.LOST_WHILE_CANCELLING): RunState.CANCELLED,
+}
+
+
+def sources(event: Event) -> frozenset[RunState]:
+    """The states from which ``event`` may fire: the guard of its statement."""
+    return frozenset(src for (src, ev) in TRANSITIONS if ev is event)
+
+
+def target(event: Event) -> RunState:
+    """The state that ``event`` leads to (the same from every source)."""
+    targets = {dst for (_, ev), dst in TRANSITIONS.items() if ev is event}
+    if len(targets) != 1:  # pragma: no cover - guarded by a unit test on the table
+        raise AssertionError(f"event {event} has targets {targets}")
+    return targets.pop()
+
+
+FINISH_EVENTS: Mapping[RunOutcome, Event] = {
+    RunOutcome.COMPLETED: Event.FINISH_COMPLETED,
+    RunOutcome.FAILED: Event.FINISH_FAILED,
+    RunOutcome.CANCELLED: Event.FINISH_CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    total: int = 0
+    queued: int = 0
+    in_progress: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    tenant_id: str
+    state: RunState
+    request_id: str
+    lease_epoch: int
+    cancel_requested: bool
+    create_time: datetime
+    stop_reason: str | None = None
+    cancel_reason: str | None = None
+    cancel_request_time: datetime | None = None
+    worker_id: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    last_heartbeat_time: datetime | None = None
+    job_counts: JobCounts = JobCounts()
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    run_id: str
+    external_id: str
+    payload: bytes
+    state: JobState
+    error: str | None = None
+    late: bool = False
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    external_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    outcome: JobOutcome
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Finalization:
+    """How a run that lost its worker ends: its event, final state and reason."""
+
+    event: Event
+    reason: StopReason
+
+    @property
+    def state(self) -> RunState:
+        return target(self.event)
+
+
+def finalization_for_lost_run(*, cancel_requested: bool, reason: StopReason) -> Finalization:
+    """A silent run that had a cancel request ends CANCELLED, any other STOPPED."""
+    if cancel_requested:
+        return Finalization(Event.LOST_WHILE_CANCELLING, StopReason.CANCELLED_BY_USER)
+    return Finalization(Event.LOST, reason)
+
+
+@dataclass(frozen=True)
+class LivenessPolicy:
+    """The seed's rules; every value is a setting.
+
+    A running run is stale once its last sign of life (heartbeat, else the
+    claim's ``lock_ts``, else ``updated_at``) is older than ``stale_after``.
+    """
+
+    stale_after: timedelta = timedelta(seconds=30)
+    startup_cleanup_after: timedelta = timedelta(minutes=5)
+    cancel_grace: timedelta = timedelta(seconds=60)
+
+    def stale_horizon(self, now: datetime) -> datetime:
+        return now - self.stale_after
+
+    def startup_horizon(self, now: datetime) -> datetime:
+        return now - self.startup_cleanup_after
+
+    def cancel_horizon(self, now: datetime) -> datetime:
+        return now - self.cancel_grace
+
+    def stale_time(self, last_heartbeat: datetime) -> datetime:
+        """When a run whose last heartbeat is ``last_heartbeat`` becomes stale."""
+        return last_heartbeat + self.stale_after

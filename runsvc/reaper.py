@@ -1,0 +1,177 @@
+"""The background finalizer: ends runs whose worker went silent.
+
+Every pass finds candidates in one short read, then ends each in its own
+transaction through the same guarded statement that reads use, re-checking
+silence with that transaction's clock: a heartbeat that lands in between
+wins, and replicas reaping at once cannot end a run twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from runsvc.domain import Event, StopReason
+from runsvc.errors import RunsvcError
+from runsvc.service.context import Caller, Context, Ended, Notes
+from runsvc.store import runs as run_store
+
+log = logging.getLogger(__name__)
+
+REAPER = Caller(subject="runsvc-reaper", role="system")
+
+Finder = Callable[[Connection, datetime], list[run_store.SilentRun]]
+
+
+@dataclass
+class ReapReport:
+    ended: dict[str, int] = field(default_factory=dict)  # reason -> runs ended
+
+    def add(self, reason: str) -> None:
+        self.ended[reason] = self.ended.get(reason, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.ended.values())
+
+
+class Reaper:
+    def __init__(self, ctx: Context, *, batch_size: int = 200) -> None:
+        self._ctx = ctx
+        self._batch = batch_size
+
+    def pass_once(self, *, detected_by: str = "reaper") -> ReapReport:
+        """End stale runs and runs whose cancel request was never acknowledged."""
+        report = ReapReport()
+        policy = self._ctx.policy
+        self._sweep(
+            report,
+            lambda conn, now: run_store.find_silent(
+                conn, silent_since=policy.stale_horizon(now), limit=self._batch
+            ),
+            policy.stale_horizon,
+            StopReason.HEARTBEAT_TIMEOUT,
+            detected_by,
+        )
+        self._end_unacknowledged_cancels(report, detected_by)
+        return report
+
+    def startup_pass(self) -> ReapReport:
+        """The seed's cleanup when a server starts, then an ordinary pass.
+
+        Runs silent for the startup horizon stop as STARTUP_CLEANUP; silent
+        runs with nothing left to do stop as EMPTY_QUEUE. A run whose worker
+        is still heartbeating is never stopped for an empty queue: it is about
+        to finish, and stopping it would lose that it completed.
+        """
+        report = ReapReport()
+        policy = self._ctx.policy
+        self._sweep(
+            report,
+            lambda conn, now: run_store.find_silent(
+                conn, silent_since=policy.startup_horizon(now), limit=self._batch
+            ),
+            policy.startup_horizon,
+            StopReason.STARTUP_CLEANUP,
+            "startup",
+        )
+        self._sweep(
+            report,
+            lambda conn, now: run_store.find_silent_with_nothing_left(
+                conn, silent_since=policy.stale_horizon(now), limit=self._batch
+            ),
+            policy.stale_horizon,
+            StopReason.EMPTY_QUEUE,
+            "startup",
+        )
+        for reason, count in self.pass_once(detected_by="startup").ended.items():
+            report.ended[reason] = report.ended.get(reason, 0) + count
+        return report
+
+    def _sweep(
+        self,
+        report: ReapReport,
+        find: Finder,
+        horizon: Callable[[datetime], datetime],
+        reason: StopReason,
+        detected_by: str,
+    ) -> None:
+        while True:
+            candidates = self._ctx.transact(lambda conn, now, notes: find(conn, now), caller=REAPER)
+            ended_any = False
+            for candidate in candidates:
+
+                def work(
+                    conn: Connection,
+                    now: datetime,
+                    notes: Notes,
+                    c: run_store.SilentRun = candidate,
+                ) -> Ended | None:
+                    return self._ctx.end_if_silent(
+                        conn,
+                        notes,
+                        c,
+                        now=now,
+                        silent_since=horizon(now),
+                        reason=reason,
+                        detected_by=detected_by,
+                        caller=REAPER,
+                    )
+
+                ended = self._ctx.transact(work, caller=REAPER)
+                if ended is not None:
+                    report.add(ended.reason or ended.state.value)
+                    ended_any = True
+            # A full batch may hide more; one that ended nothing would loop forever.
+            if len(candidates) < self._batch or not ended_any:
+                return
+
+    def _end_unacknowledged_cancels(self, report: ReapReport, detected_by: str) -> None:
+        policy = self._ctx.policy
+        candidates = self._ctx.transact(
+            lambda conn, now, notes: run_store.find_unacknowledged_cancels(
+                conn, requested_before=policy.cancel_horizon(now), limit=self._batch
+            ),
+            caller=REAPER,
+        )
+        for candidate in candidates:
+
+            def work(
+                conn: Connection, now: datetime, notes: Notes, c: run_store.SilentRun = candidate
+            ) -> bool:
+                ended = self._ctx.end_run(
+                    conn,
+                    notes,
+                    c.id,
+                    tenant_id=c.tenant_id,
+                    event=Event.LOST_WHILE_CANCELLING,
+                    reason=StopReason.CANCEL_TIMEOUT,
+                    now=now,
+                    guard=run_store.Guard(cancel_requested_before=policy.cancel_horizon(now)),
+                    tag="STALE_DETECTION",
+                    caller=REAPER,
+                    detected_by=detected_by,
+                )
+                return ended is not None
+
+            if self._ctx.transact(work, caller=REAPER):
+                report.add(StopReason.CANCEL_TIMEOUT.value)
+
+    def run_forever(self, stop: threading.Event, *, interval: float) -> None:
+        """Pass every ``interval`` seconds until ``stop`` is set; a failed pass is retried."""
+        while not stop.wait(interval):
+            try:
+                report = self.pass_once()
+            except RunsvcError as error:
+                log.warning("reaper pass failed", extra={"error": str(error)})
+                continue
+            except Exception:
+                log.exception("reaper pass failed unexpectedly")
+                continue
+            if report.total:
+                log.info("reaper pass ended runs", extra={"ended": report.ended})

@@ -1,0 +1,248 @@
+"""What the web backend and operators do: create, look up, list and cancel runs."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from runsvc.domain import Event, JobSpec, Run, RunState, StopReason
+from runsvc.errors import (
+    ActiveRunExists,
+    FieldViolation,
+    InvalidArgument,
+    InvalidTransition,
+    NoActiveRun,
+    RunNotVisible,
+)
+from runsvc.service.context import Caller, Context, Notes
+from runsvc.store import jobs as job_store
+from runsvc.store import runs as run_store
+from runsvc.validation import Checker, Limits, check_jobs
+
+_CANCEL_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class ForceCancelled:
+    run: Run
+    cancelled_jobs: int
+    released_slots: int
+
+
+@dataclass(frozen=True)
+class Page:
+    runs: list[Run]
+    next_page_token: str
+
+
+def _encode_cursor(run: Run) -> str:
+    raw = f"{run.create_time.isoformat()}|{run.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_cursor(token: str) -> run_store.PageCursor:
+    try:
+        created, run_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        return run_store.PageCursor(datetime.fromisoformat(created), str(uuid.UUID(run_id)))
+    except (ValueError, binascii.Error, UnicodeDecodeError) as error:
+        raise InvalidArgument(
+            [FieldViolation("page_token", "is not a token returned by ListRuns")]
+        ) from error
+
+
+class BackendUseCases:
+    def __init__(self, ctx: Context, limits: Limits) -> None:
+        self._ctx = ctx
+        self._limits = limits
+
+    def create_run(
+        self, *, tenant_id: str, request_id: str, jobs: Sequence[JobSpec], caller: Caller
+    ) -> Run:
+        check = Checker()
+        check.identifier("request_id", request_id, max_length=self._limits.max_id_length)
+        check_jobs(check, jobs, self._limits)
+        check.done()
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> Run:
+            existing = run_store.get_by_request(conn, request_id, tenant_id=tenant_id)
+            if existing is not None:
+                return existing
+            run_id = str(uuid.uuid4())
+            try:
+                run_store.insert(
+                    conn, tenant_id=tenant_id, run_id=run_id, request_id=request_id, now=now
+                )
+            except run_store.DuplicateRun:
+                # Lost a race: the same request created it meanwhile, or another run is active.
+                existing = run_store.get_by_request(conn, request_id, tenant_id=tenant_id)
+                if existing is not None:
+                    return existing
+                active = run_store.get_active(conn, tenant_id=tenant_id)
+                raise ActiveRunExists(active.id if active else "") from None
+            job_store.insert_many(conn, run_id, jobs, tenant_id=tenant_id, now=now)
+            created = run_store.get(conn, run_id, tenant_id=tenant_id)
+            assert created is not None
+            return created
+
+        return self._ctx.transact(work, caller=caller)
+
+    def get_active(self, *, tenant_id: str, caller: Caller) -> Run:
+        """The tenant's live run; a run whose worker went silent is finalized, never reported."""
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> Run | None:
+            run = run_store.get_active(conn, tenant_id=tenant_id)
+            if run is not None and self._ended_on_read(conn, notes, run, now, caller):
+                return None
+            return run
+
+        run = self._ctx.transact(work, caller=caller)
+        if run is None:
+            raise NoActiveRun()
+        return run
+
+    def get_run(self, *, tenant_id: str | None, run_id: str, caller: Caller) -> Run:
+        check = Checker()
+        check.object_id("run_id", run_id)
+        check.done()
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> Run:
+            run = self._visible(conn, run_id, tenant_id)
+            if self._ended_on_read(conn, notes, run, now, caller):
+                run = self._visible(conn, run_id, tenant_id)
+            return run
+
+        return self._ctx.transact(work, caller=caller)
+
+    def _visible(self, conn: Connection, run_id: str, tenant_id: str | None) -> Run:
+        run = run_store.get(conn, run_id, tenant_id=tenant_id)
+        if run is None:
+            raise RunNotVisible(run_id=run_id, tenant_id=tenant_id)
+        return run
+
+    def _ended_on_read(
+        self, conn: Connection, notes: Notes, run: Run, now: datetime, caller: Caller
+    ) -> bool:
+        """Stale detection on read: the same guarded finalization the reaper uses."""
+        if run.state is not RunState.RUNNING:
+            return False
+        horizon = self._ctx.policy.stale_horizon(now)
+        if run.last_heartbeat_time is not None and run.last_heartbeat_time >= horizon:
+            return False
+        ended = self._ctx.end_if_silent(
+            conn,
+            notes,
+            run_store.SilentRun(run.id, run.tenant_id, run.cancel_requested),
+            now=now,
+            silent_since=horizon,
+            reason=StopReason.HEARTBEAT_TIMEOUT,
+            detected_by="read",
+            caller=caller,
+        )
+        return ended is not None
+
+    def list_runs(
+        self,
+        *,
+        tenant_id: str | None,
+        states: Sequence[RunState],
+        page_size: int,
+        page_token: str,
+        caller: Caller,
+    ) -> Page:
+        check = Checker()
+        check.count("page_size", page_size, low=0, high=self._limits.max_page_size)
+        check.done()
+        after = _decode_cursor(page_token) if page_token else None
+        size = page_size or self._limits.default_page_size
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> Page:
+            found = run_store.list_page(
+                conn, tenant_id=tenant_id, states=states, after=after, limit=size + 1
+            )
+            more = len(found) > size
+            shown = found[:size]
+            return Page(shown, _encode_cursor(shown[-1]) if more else "")
+
+        return self._ctx.transact(work, caller=caller)
+
+    def cancel(self, *, tenant_id: str | None, run_id: str, reason: str, caller: Caller) -> Run:
+        """Cooperative cancel; idempotent. A pending run has no worker to ask, so it ends now."""
+        check = Checker()
+        check.object_id("run_id", run_id)
+        check.text("reason", reason, max_length=self._limits.max_text_length)
+        check.done()
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> Run:
+            for _ in range(_CANCEL_ATTEMPTS):
+                run = self._visible(conn, run_id, tenant_id)
+                if run.state is RunState.PENDING:
+                    self._ctx.end_run(
+                        conn,
+                        notes,
+                        run_id,
+                        tenant_id=tenant_id,
+                        event=Event.CANCEL_PENDING,
+                        reason=StopReason.CANCELLED_BY_USER,
+                        now=now,
+                        guard=run_store.Guard(),
+                        tag="RUN_ENDED",
+                        caller=caller,
+                        detected_by="cancel",
+                        cancel_reason=reason or None,
+                    )
+                elif run.state is RunState.RUNNING and not run.cancel_requested:
+                    run_store.request_cancel(
+                        conn, run_id, tenant_id=tenant_id, reason=reason, now=now
+                    )
+                elif run.state is RunState.RUNNING or run.state is RunState.CANCELLED:
+                    return run
+                else:
+                    raise InvalidTransition(
+                        f"the run already ended as {run.state.value}",
+                        metadata={"run_id": run_id, "state": run.state.value},
+                    )
+            return self._visible(conn, run_id, tenant_id)
+
+        return self._ctx.transact(work, caller=caller)
+
+    def force_cancel(
+        self, *, tenant_id: str | None, run_id: str, reason: str, caller: Caller
+    ) -> ForceCancelled:
+        """Immediate and final, whether or not the worker is alive; idempotent."""
+        check = Checker()
+        check.object_id("run_id", run_id)
+        check.text("reason", reason, max_length=self._limits.max_text_length)
+        check.done()
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> ForceCancelled:
+            ended = self._ctx.end_run(
+                conn,
+                notes,
+                run_id,
+                tenant_id=tenant_id,
+                event=Event.FORCE_CANCEL,
+                reason=StopReason.FORCE_CANCELLED,
+                now=now,
+                guard=run_store.Guard(),
+                tag="FORCE_CANCEL",
+                caller=caller,
+                detected_by="force_cancel",
+                cancel_reason=reason or None,
+            )
+            run = self._visible(conn, run_id, tenant_id)
+            if ended is not None:
+                return ForceCancelled(run, ended.failed_jobs, ended.released_slots)
+            if run.state is RunState.CANCELLED:
+                return ForceCancelled(run, 0, 0)
+            raise InvalidTransition(
+                f"the run already ended as {run.state.value}",
+                metadata={"run_id": run_id, "state": run.state.value},
+            )
+
+        return self._ctx.transact(work, caller=caller)

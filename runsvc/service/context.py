@@ -1,0 +1,232 @@
+"""What every use case shares: the transaction runner, the clock, and ending a run.
+
+Ending a run is one code path for every cause (stale on read, the reaper,
+startup cleanup, cancel, force cancel, finish): one guarded statement, and
+only if it matched, the fan-out — unfinished jobs failed, audit row — in the
+same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection
+
+from runsvc.clock import Clock
+from runsvc.domain import (
+    Event,
+    LivenessPolicy,
+    RunState,
+    StopReason,
+    finalization_for_lost_run,
+)
+from runsvc.errors import LeaseLost, RunNotVisible
+from runsvc.slots import Slots
+from runsvc.store import audit
+from runsvc.store import jobs as job_store
+from runsvc.store import runs as run_store
+from runsvc.store.engine import Database
+
+T = TypeVar("T")
+
+audit_log = logging.getLogger("runsvc.audit")
+
+RUN_ENDED = "RUN_ENDED"
+
+
+@dataclass
+class Notes:
+    """Audit log lines of one transaction, written only once it has committed."""
+
+    lines: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, **fields: Any) -> None:
+        self.lines.append(fields)
+
+
+@dataclass(frozen=True)
+class Ended:
+    run_id: str
+    tenant_id: str
+    state: RunState
+    reason: str | None
+    failed_jobs: int
+    released_slots: int
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked, for the audit trail."""
+
+    subject: str
+    role: str
+
+
+class Context:
+    def __init__(self, *, db: Database, clock: Clock, slots: Slots, policy: LivenessPolicy) -> None:
+        self.db = db
+        self.clock = clock
+        self.slots = slots
+        self.policy = policy
+
+    def transact(self, work: Callable[[Connection, datetime, Notes], T], *, caller: Caller) -> T:
+        """Run ``work(conn, now, notes)`` in one transaction; log its notes after commit.
+
+        A refused look-up of a run (missing or another tenant's) is recorded
+        as a SECURITY audit row in its own transaction, since the failed
+        transaction rolls back.
+        """
+        notes = Notes()
+
+        def attempt(conn: Connection) -> T:
+            notes.lines.clear()
+            return work(conn, self.clock.now(conn), notes)
+
+        try:
+            result = self.db.run(attempt)
+        except RunNotVisible as refused:
+            self._record_refusal(refused, caller)
+            raise
+        for line in notes.lines:
+            audit_log.info(line.pop("message"), extra={"audit": line})
+        return result
+
+    def _record_refusal(self, refused: RunNotVisible, caller: Caller) -> None:
+        detail = {"caller": caller.subject, "role": caller.role, "scope": refused.tenant_id}
+
+        def work(conn: Connection) -> None:
+            audit.record(
+                conn,
+                tag="SECURITY",
+                action="RUN_NOT_VISIBLE",
+                tenant_id=refused.tenant_id,
+                run_id=refused.run_id,
+                actor=caller.subject,
+                now=self.clock.now(conn),
+                detail=detail,
+            )
+
+        self.db.run(work)
+        audit_log.warning(
+            "run not visible to caller",
+            extra={"audit": {"tag": "SECURITY", "run_id": refused.run_id, **detail}},
+        )
+
+    def end_run(
+        self,
+        conn: Connection,
+        notes: Notes,
+        run_id: str,
+        *,
+        tenant_id: str | None,
+        event: Event,
+        reason: StopReason | None,
+        now: datetime,
+        guard: run_store.Guard,
+        tag: str,
+        caller: Caller,
+        detected_by: str,
+        error: str | None = None,
+        cancel_reason: str | None = None,
+    ) -> Ended | None:
+        """The one terminal transition of a run; None if its guard did not hold."""
+        row = run_store.finalize(
+            conn,
+            run_id,
+            tenant_id=tenant_id,
+            event=event,
+            reason=reason.value if reason else None,
+            now=now,
+            guard=guard,
+            error=error,
+            cancel_reason=cancel_reason,
+        )
+        if row is None:
+            return None
+        failed = job_store.fail_unfinished(
+            conn,
+            run_id,
+            tenant_id=row.tenant_id,
+            reason=(reason or StopReason.WORKER_FAILED).value,
+            now=now,
+        )
+        ended = Ended(
+            run_id,
+            row.tenant_id,
+            RunState(row.state),
+            reason.value if reason else None,
+            failed.total,
+            failed.in_progress,
+        )
+        detail = {
+            "state": ended.state.value,
+            "reason": reason.value if reason else None,
+            "detected_by": detected_by,
+            "failed_jobs": ended.failed_jobs,
+            "released_slots": ended.released_slots,
+            "caller_role": caller.role,
+        }
+        audit.record(
+            conn,
+            tag=tag,
+            action=RUN_ENDED,
+            tenant_id=row.tenant_id,
+            run_id=run_id,
+            actor=caller.subject,
+            now=now,
+            detail=detail,
+        )
+        notes.add(message="run ended", tag=tag, run_id=run_id, tenant_id=row.tenant_id, **detail)
+        return ended
+
+    def end_if_silent(
+        self,
+        conn: Connection,
+        notes: Notes,
+        candidate: run_store.SilentRun,
+        *,
+        now: datetime,
+        silent_since: datetime,
+        reason: StopReason,
+        detected_by: str,
+        caller: Caller,
+    ) -> Ended | None:
+        """Finalize a run that lost its worker, if it is still silent (the guard re-checks)."""
+        outcome = finalization_for_lost_run(
+            cancel_requested=candidate.cancel_requested, reason=reason
+        )
+        return self.end_run(
+            conn,
+            notes,
+            candidate.id,
+            tenant_id=candidate.tenant_id,
+            event=outcome.event,
+            reason=outcome.reason,
+            now=now,
+            guard=run_store.Guard(
+                silent_since=silent_since, cancel_requested=candidate.cancel_requested
+            ),
+            tag="STALE_DETECTION",
+            caller=caller,
+            detected_by=detected_by,
+        )
+
+    def lease_miss(
+        self, conn: Connection, run_id: str, *, tenant_id: str | None, lease_epoch: int
+    ) -> Exception:
+        """Why a fenced write matched nothing: the run is not visible, or the lease is gone."""
+        run = run_store.get(conn, run_id, tenant_id=tenant_id)
+        if run is None:
+            return RunNotVisible(run_id=run_id, tenant_id=tenant_id)
+        return LeaseLost(
+            metadata={
+                "run_id": run_id,
+                "lease_epoch": str(lease_epoch),
+                "current_epoch": str(run.lease_epoch),
+                "state": run.state.value,
+            }
+        )

@@ -1,0 +1,306 @@
+"""What workers do: claim a run, heartbeat it, take jobs, report results, finish.
+
+Every call but ClaimRun carries the lease epoch and is fenced by it inside
+the statement that writes; a successful fenced call also counts as a
+heartbeat, since it proves the worker alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from runsvc.domain import (
+    FINISH_EVENTS,
+    Job,
+    JobResult,
+    Run,
+    RunOutcome,
+    StopReason,
+    target,
+)
+from runsvc.errors import FailedPrecondition, FieldViolation, InvalidArgument, LeaseLost
+from runsvc.service.context import Caller, Context, Notes
+from runsvc.store import jobs as job_store
+from runsvc.store import runs as run_store
+from runsvc.validation import Checker, Limits, check_results
+
+_CLAIM_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Claim:
+    run: Run
+    lease_epoch: int
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class HeartbeatAck:
+    cancel_requested: bool
+    stale_time: datetime
+
+
+@dataclass(frozen=True)
+class Acquired:
+    jobs: list[Job]
+    free_slots: int
+
+
+@dataclass(frozen=True)
+class Reported:
+    recorded: int
+    duplicates: int
+    late: bool
+
+
+class JobsUnfinished(FailedPrecondition):
+    """The run still has queued or in-progress jobs; report them or finish as failed."""
+
+    reason = "JOBS_UNFINISHED"
+
+
+class JobNotHeld(FailedPrecondition):
+    """A result names a job that this lease did not take."""
+
+    reason = "JOB_NOT_HELD"
+
+
+_FINISH_REASONS: dict[RunOutcome, StopReason | None] = {
+    RunOutcome.COMPLETED: None,
+    RunOutcome.FAILED: StopReason.WORKER_FAILED,
+    RunOutcome.CANCELLED: StopReason.CANCELLED_BY_USER,
+}
+
+
+class WorkerUseCases:
+    def __init__(self, ctx: Context, limits: Limits) -> None:
+        self._ctx = ctx
+        self._limits = limits
+
+    def claim_run(self, *, tenant_id: str | None, worker_id: str, caller: Caller) -> Claim | None:
+        check = Checker()
+        check.identifier("worker_id", worker_id, max_length=self._limits.max_id_length)
+        check.done()
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> Claim | None:
+            resumed = run_store.resume_held(conn, tenant_id=tenant_id, worker_id=worker_id, now=now)
+            if resumed is not None:
+                # The crashed incarnation's jobs have an unknown outcome: they
+                # fail as WORKER_LOST, and a late result from it is still kept.
+                job_store.fail_in_progress(conn, resumed.id, tenant_id=resumed.tenant_id, now=now)
+                run = run_store.get(conn, resumed.id, tenant_id=tenant_id)
+                assert run is not None
+                return Claim(run, resumed.lease_epoch, resumed=True)
+            for _ in range(_CLAIM_ATTEMPTS):
+                claimed = run_store.claim_pending(
+                    conn, tenant_id=tenant_id, worker_id=worker_id, now=now
+                )
+                if claimed is not None:
+                    run = run_store.get(conn, claimed.id, tenant_id=tenant_id)
+                    assert run is not None
+                    return Claim(run, claimed.lease_epoch, resumed=False)
+            return None
+
+        return self._ctx.transact(work, caller=caller)
+
+    def _check_lease(self, run_id: str, lease_epoch: int) -> Checker:
+        check = Checker()
+        check.object_id("run_id", run_id)
+        check.lease_epoch("lease_epoch", lease_epoch)
+        return check
+
+    def heartbeat(
+        self, *, tenant_id: str | None, run_id: str, lease_epoch: int, caller: Caller
+    ) -> HeartbeatAck:
+        self._check_lease(run_id, lease_epoch).done()
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> HeartbeatAck:
+            row = run_store.touch_lease(
+                conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch, now=now
+            )
+            if row is None:
+                raise self._ctx.lease_miss(
+                    conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch
+                )
+            return HeartbeatAck(bool(row.cancel_requested), self._ctx.policy.stale_time(now))
+
+        return self._ctx.transact(work, caller=caller)
+
+    def acquire_jobs(
+        self,
+        *,
+        tenant_id: str | None,
+        run_id: str,
+        lease_epoch: int,
+        max_jobs: int,
+        caller: Caller,
+    ) -> Acquired:
+        check = self._check_lease(run_id, lease_epoch)
+        check.count("max_jobs", max_jobs, low=1, high=self._limits.max_jobs_per_acquire)
+        check.done()
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> Acquired:
+            row = run_store.touch_lease(
+                conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch, now=now
+            )
+            if row is None:
+                raise self._ctx.lease_miss(
+                    conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch
+                )
+            if row.cancel_requested:
+                # A run being cancelled starts nothing new.
+                return Acquired([], self._ctx.slots.free(conn, tenant_id=row.tenant_id))
+            free = self._ctx.slots.free(conn, tenant_id=row.tenant_id)
+            taken = job_store.take_queued(
+                conn,
+                run_id,
+                tenant_id=row.tenant_id,
+                lease_epoch=lease_epoch,
+                limit=min(max_jobs, free),
+                now=now,
+            )
+            return Acquired(taken, free - len(taken))
+
+        return self._ctx.transact(work, caller=caller)
+
+    def report_jobs(
+        self,
+        *,
+        tenant_id: str | None,
+        run_id: str,
+        lease_epoch: int,
+        results: Sequence[JobResult],
+        caller: Caller,
+    ) -> Reported:
+        check = self._check_lease(run_id, lease_epoch)
+        check_results(check, results, self._limits)
+        check.done()
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> Reported:
+            row = run_store.touch_lease(
+                conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch, now=now
+            )
+            late = row is None
+            if row is None:
+                run = run_store.get(conn, run_id, tenant_id=tenant_id)
+                if run is None:
+                    raise self._ctx.lease_miss(
+                        conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch
+                    )
+                run_tenant = run.tenant_id
+            else:
+                run_tenant = row.tenant_id
+            return self._record(conn, run_id, run_tenant, lease_epoch, results, late, now)
+
+        reported = self._ctx.transact(work, caller=caller)
+        if reported.late:
+            raise LeaseLost(
+                "the lease on this run is no longer held; late results were recorded",
+                metadata={"run_id": run_id, "recorded_late": str(reported.recorded)},
+            )
+        return reported
+
+    def _record(
+        self,
+        conn: Connection,
+        run_id: str,
+        tenant_id: str,
+        lease_epoch: int,
+        results: Sequence[JobResult],
+        late: bool,
+        now: datetime,
+    ) -> Reported:
+        held = job_store.held_by_run(conn, run_id, [r.job_id for r in results], tenant_id=tenant_id)
+        unknown = [
+            FieldViolation(f"results[{i}].job_id", "no such job in this run")
+            for i, r in enumerate(results)
+            if r.job_id not in held
+        ]
+        if unknown:
+            raise InvalidArgument(unknown)
+        recorded = duplicates = 0
+        not_held: list[str] = []
+        for result in sorted(results, key=lambda r: r.job_id):
+            if job_store.record_result(
+                conn,
+                result.job_id,
+                tenant_id=tenant_id,
+                run_id=run_id,
+                lease_epoch=lease_epoch,
+                outcome=result.outcome,
+                error=result.error,
+                late=late,
+                now=now,
+            ):
+                recorded += 1
+                continue
+            job = held[result.job_id]
+            if job.lease_epoch == lease_epoch and job.state.value == result.outcome.value:
+                duplicates += 1
+            else:
+                not_held.append(result.job_id)
+        if not_held:
+            raise JobNotHeld(metadata={"job_ids": ",".join(not_held)})
+        return Reported(recorded, duplicates, late)
+
+    def finish_run(
+        self,
+        *,
+        tenant_id: str | None,
+        run_id: str,
+        lease_epoch: int,
+        outcome: RunOutcome,
+        error: str | None,
+        caller: Caller,
+    ) -> Run:
+        check = self._check_lease(run_id, lease_epoch)
+        check.text("error", error or "", max_length=self._limits.max_text_length)
+        check.done()
+        event = FINISH_EVENTS[outcome]
+
+        def work(conn: Connection, now: datetime, notes: Notes) -> Run:
+            ended = self._ctx.end_run(
+                conn,
+                notes,
+                run_id,
+                tenant_id=tenant_id,
+                event=event,
+                reason=_FINISH_REASONS[outcome],
+                now=now,
+                guard=run_store.Guard(
+                    lease_epoch=lease_epoch,
+                    nothing_unfinished=outcome is RunOutcome.COMPLETED,
+                ),
+                tag="RUN_ENDED",
+                caller=caller,
+                detected_by="worker",
+                error=error or None,
+            )
+            run = run_store.get(conn, run_id, tenant_id=tenant_id)
+            if run is None:
+                raise self._ctx.lease_miss(
+                    conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch
+                )
+            if ended is not None:
+                return run
+            # A retried FinishRun whose first answer was lost: the run already
+            # ended as asked, one epoch on (finalizing bumps the epoch once).
+            if run.lease_epoch == lease_epoch + 1 and run.state is target(event):
+                return run
+            if (
+                run.lease_epoch == lease_epoch
+                and run.job_counts.queued + run.job_counts.in_progress
+            ):
+                raise JobsUnfinished(
+                    metadata={
+                        "queued": str(run.job_counts.queued),
+                        "in_progress": str(run.job_counts.in_progress),
+                    }
+                )
+            raise self._ctx.lease_miss(conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch)
+
+        return self._ctx.transact(work, caller=caller)

@@ -1,0 +1,1 @@
+"""The store: SQLAlchemy schema and guarded statements. SQL stops here."""

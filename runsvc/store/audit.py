@@ -1,0 +1,44 @@
+"""Audit rows: every terminal transition and every refused access leaves one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from runsvc.store.schema import audit_events
+
+
+def record(
+    conn: Connection,
+    *,
+    tag: str,
+    action: str,
+    tenant_id: str | None,
+    run_id: str | None,
+    actor: str | None,
+    now: datetime,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        audit_events.insert().values(
+            created_at=now,
+            tag=tag,
+            action=action,
+            tenant_id=tenant_id,
+            run_id=run_id,
+            actor=actor,
+            detail=json.dumps(dict(detail or {}), sort_keys=True, default=str),
+        )
+    )
+
+
+def for_run(conn: Connection, run_id: str, *, tenant_id: str | None) -> list[dict[str, Any]]:
+    query = select(audit_events).where(audit_events.c.run_id == run_id)
+    if tenant_id is not None:
+        query = query.where(audit_events.c.tenant_id == tenant_id)
+    rows = conn.execute(query.order_by(audit_events.c.id))
+    return [{**row._asdict(), "detail": json.loads(row.detail)} for row in rows]

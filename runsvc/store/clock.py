@@ -1,0 +1,17 @@
+"""The database's clock: replicas agree on time because they all ask PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import text
+
+
+class DatabaseClock:
+    def now(self, session: Any) -> datetime:
+        if session.dialect.name == "postgresql":
+            value: datetime = session.execute(text("SELECT now()")).scalar_one()
+            return value.astimezone(UTC)
+        # SQLite has one host, so its clock is this process's clock.
+        return datetime.now(UTC)

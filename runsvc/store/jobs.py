@@ -1,0 +1,209 @@
+"""Statements on jobs. Scoped by tenant like every statement of the store."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, func, select, update
+
+from runsvc.domain import Job, JobOutcome, JobSpec, JobState, StopReason
+from runsvc.store.engine import is_postgres
+from runsvc.store.schema import jobs
+
+
+def _job_from_row(row: Row[Any]) -> Job:
+    return Job(
+        id=row.id,
+        run_id=row.run_id,
+        external_id=row.external_id,
+        payload=bytes(row.payload),
+        state=JobState(row.state),
+        error=row.error,
+        late=bool(row.late),
+    )
+
+
+def insert_many(
+    conn: Connection, run_id: str, specs: Sequence[JobSpec], *, tenant_id: str, now: datetime
+) -> None:
+    conn.execute(
+        jobs.insert(),
+        [
+            {
+                "id": str(uuid.uuid4()),
+                "run_id": run_id,
+                "tenant_id": tenant_id,
+                "seq": seq,
+                "external_id": spec.external_id,
+                "payload": spec.payload,
+                "state": JobState.QUEUED.value,
+                "late": False,
+                "created_at": now,
+            }
+            for seq, spec in enumerate(specs)
+        ],
+    )
+
+
+def count_in_progress(conn: Connection, *, tenant_id: str) -> int:
+    return conn.execute(
+        select(func.count()).where(
+            jobs.c.tenant_id == tenant_id, jobs.c.state == JobState.IN_PROGRESS.value
+        )
+    ).scalar_one()
+
+
+def take_queued(
+    conn: Connection, run_id: str, *, tenant_id: str, lease_epoch: int, limit: int, now: datetime
+) -> list[Job]:
+    """Mark up to ``limit`` queued jobs of the run in progress, in creation order."""
+    if limit <= 0:
+        return []
+    next_ids = (
+        select(jobs.c.id)
+        .where(
+            jobs.c.run_id == run_id,
+            jobs.c.tenant_id == tenant_id,
+            jobs.c.state == JobState.QUEUED.value,
+        )
+        .order_by(jobs.c.seq)
+        .limit(limit)
+    )
+    if is_postgres(conn):
+        next_ids = next_ids.with_for_update(skip_locked=True)
+    # A CTE runs once; PostgreSQL may re-run an `IN (… LIMIT n)` subquery and
+    # so take more than n rows.
+    picked = next_ids.cte("picked")
+    rows = conn.execute(
+        update(jobs)
+        .where(jobs.c.id == picked.c.id, jobs.c.state == JobState.QUEUED.value)
+        .values(state=JobState.IN_PROGRESS.value, lease_epoch=lease_epoch, started_at=now)
+        .returning(*jobs.c)
+    ).all()
+    return [_job_from_row(r) for r in sorted(rows, key=lambda r: r.seq)]
+
+
+@dataclass(frozen=True)
+class FailedJobs:
+    queued: int
+    in_progress: int
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.in_progress
+
+
+def fail_in_progress(conn: Connection, run_id: str, *, tenant_id: str, now: datetime) -> int:
+    """Jobs in progress under a lease that is gone fail as WORKER_LOST, freeing their slots.
+
+    The worker may still have run them: its result is accepted later, marked
+    late, because the job keeps the ``lease_epoch`` that took it.
+    """
+    return conn.execute(
+        update(jobs)
+        .where(
+            jobs.c.run_id == run_id,
+            jobs.c.tenant_id == tenant_id,
+            jobs.c.state == JobState.IN_PROGRESS.value,
+        )
+        .values(state=JobState.FAILED.value, stop_reason=StopReason.WORKER_LOST.value, ended_at=now)
+    ).rowcount
+
+
+def fail_unfinished(
+    conn: Connection, run_id: str, *, tenant_id: str, reason: str, now: datetime
+) -> FailedJobs:
+    """When a run ends early: queued jobs fail with its reason, in-progress ones WORKER_LOST."""
+    in_progress = fail_in_progress(conn, run_id, tenant_id=tenant_id, now=now)
+    queued = conn.execute(
+        update(jobs)
+        .where(
+            jobs.c.run_id == run_id,
+            jobs.c.tenant_id == tenant_id,
+            jobs.c.state == JobState.QUEUED.value,
+        )
+        .values(state=JobState.FAILED.value, stop_reason=reason, ended_at=now)
+    ).rowcount
+    return FailedJobs(queued=queued, in_progress=in_progress)
+
+
+@dataclass(frozen=True)
+class HeldJob:
+    id: str
+    state: JobState
+    lease_epoch: int | None
+    stop_reason: str | None
+    late: bool
+
+
+def held_by_run(
+    conn: Connection, run_id: str, job_ids: Sequence[str], *, tenant_id: str
+) -> dict[str, HeldJob]:
+    rows = conn.execute(
+        select(jobs.c.id, jobs.c.state, jobs.c.lease_epoch, jobs.c.stop_reason, jobs.c.late).where(
+            jobs.c.run_id == run_id, jobs.c.tenant_id == tenant_id, jobs.c.id.in_(job_ids)
+        )
+    )
+    return {
+        r.id: HeldJob(r.id, JobState(r.state), r.lease_epoch, r.stop_reason, bool(r.late))
+        for r in rows
+    }
+
+
+def record_result(
+    conn: Connection,
+    job_id: str,
+    *,
+    tenant_id: str,
+    run_id: str,
+    lease_epoch: int,
+    outcome: JobOutcome,
+    error: str | None,
+    late: bool,
+    now: datetime,
+) -> bool:
+    """Record one result of a job this lease took.
+
+    On time: the job must still be in progress under this lease. Late: it
+    must have been failed as WORKER_LOST when its run ended, and have no
+    result yet.
+    """
+    if late:
+        held = (
+            (jobs.c.state == JobState.FAILED.value)
+            & (jobs.c.stop_reason == StopReason.WORKER_LOST.value)
+            & jobs.c.late.is_(False)
+        )
+    else:
+        held = jobs.c.state == JobState.IN_PROGRESS.value
+    result = conn.execute(
+        update(jobs)
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.run_id == run_id,
+            jobs.c.tenant_id == tenant_id,
+            jobs.c.lease_epoch == lease_epoch,
+            held,
+        )
+        .values(
+            state=JobState(outcome.value).value,
+            error=error,
+            late=late,
+            stop_reason=None,
+            ended_at=now,
+        )
+    )
+    return result.rowcount == 1
+
+
+def list_for_run(conn: Connection, run_id: str, *, tenant_id: str) -> list[Job]:
+    rows = conn.execute(
+        select(jobs)
+        .where(jobs.c.run_id == run_id, jobs.c.tenant_id == tenant_id)
+        .order_by(jobs.c.seq)
+    )
+    return [_job_from_row(r) for r in rows]

@@ -1,0 +1,393 @@
+"""Statements on runs. Every state change is one guarded UPDATE … RETURNING.
+
+Each function takes the open connection (the use case owns the transaction)
+and the tenant scope as a required keyword: ``tenant_id=None`` means every
+tenant and is only passed for fleet-wide workers and admins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    and_,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+
+from runsvc.domain import (
+    ACTIVE_STATES,
+    Event,
+    JobCounts,
+    JobState,
+    Run,
+    RunState,
+    sources,
+    target,
+)
+from runsvc.store.engine import is_postgres
+from runsvc.store.schema import jobs, runs
+
+# The seed's fallback: a run with no heartbeat is judged by its lock, then by its last update.
+last_sign_of_life = func.coalesce(runs.c.last_heartbeat_at, runs.c.lock_ts, runs.c.updated_at)
+
+
+_has_unfinished_jobs = (
+    select(jobs.c.id)
+    .where(
+        jobs.c.run_id == runs.c.id,
+        jobs.c.state.in_([JobState.QUEUED.value, JobState.IN_PROGRESS.value]),
+    )
+    .exists()
+)
+
+
+def _scoped(tenant_id: str | None) -> ColumnElement[bool]:
+    return runs.c.tenant_id == tenant_id if tenant_id is not None else literal(True)
+
+
+def _state_in(states: Iterable[RunState]) -> ColumnElement[bool]:
+    return runs.c.state.in_(sorted(s.value for s in states))
+
+
+def _run_from_row(row: Row[Any], counts: JobCounts) -> Run:
+    return Run(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        state=RunState(row.state),
+        request_id=row.request_id,
+        lease_epoch=row.lease_epoch,
+        cancel_requested=bool(row.cancel_requested),
+        cancel_reason=row.cancel_reason,
+        cancel_request_time=row.cancel_requested_at,
+        stop_reason=row.stop_reason,
+        worker_id=row.worker_id,
+        create_time=row.created_at,
+        start_time=row.started_at,
+        end_time=row.ended_at,
+        last_heartbeat_time=row.last_heartbeat_at,
+        job_counts=counts,
+    )
+
+
+def job_counts(conn: Connection, run_ids: Sequence[str]) -> dict[str, JobCounts]:
+    """Job counts per run, in one grouped query."""
+    if not run_ids:
+        return {}
+    tallies: dict[str, dict[str, int]] = {run_id: {} for run_id in run_ids}
+    rows = conn.execute(
+        select(jobs.c.run_id, jobs.c.state, func.count())
+        .where(jobs.c.run_id.in_(run_ids))
+        .group_by(jobs.c.run_id, jobs.c.state)
+    )
+    for run_id, state, count in rows:
+        tallies[run_id][state] = count
+    return {
+        run_id: JobCounts(
+            total=sum(t.values()),
+            queued=t.get(JobState.QUEUED, 0),
+            in_progress=t.get(JobState.IN_PROGRESS, 0),
+            completed=t.get(JobState.COMPLETED, 0),
+            failed=t.get(JobState.FAILED, 0),
+        )
+        for run_id, t in tallies.items()
+    }
+
+
+def _with_counts(conn: Connection, rows: Sequence[Row[Any]]) -> list[Run]:
+    counts = job_counts(conn, [row.id for row in rows])
+    return [_run_from_row(row, counts[row.id]) for row in rows]
+
+
+def get(conn: Connection, run_id: str, *, tenant_id: str | None) -> Run | None:
+    row = conn.execute(select(runs).where(runs.c.id == run_id, _scoped(tenant_id))).one_or_none()
+    return _with_counts(conn, [row])[0] if row is not None else None
+
+
+def get_by_request(conn: Connection, request_id: str, *, tenant_id: str) -> Run | None:
+    row = conn.execute(
+        select(runs).where(runs.c.tenant_id == tenant_id, runs.c.request_id == request_id)
+    ).one_or_none()
+    return _with_counts(conn, [row])[0] if row is not None else None
+
+
+def get_active(conn: Connection, *, tenant_id: str) -> Run | None:
+    row = conn.execute(
+        select(runs).where(runs.c.tenant_id == tenant_id, _state_in(ACTIVE_STATES))
+    ).one_or_none()
+    return _with_counts(conn, [row])[0] if row is not None else None
+
+
+@dataclass(frozen=True)
+class PageCursor:
+    created_at: datetime
+    run_id: str
+
+
+def list_page(
+    conn: Connection,
+    *,
+    tenant_id: str | None,
+    states: Sequence[RunState],
+    after: PageCursor | None,
+    limit: int,
+) -> list[Run]:
+    """Runs newest first, keyset-paginated on (created_at, id)."""
+    query = select(runs).where(_scoped(tenant_id))
+    if states:
+        query = query.where(_state_in(states))
+    if after is not None:
+        query = query.where(
+            or_(
+                runs.c.created_at < after.created_at,
+                and_(runs.c.created_at == after.created_at, runs.c.id < after.run_id),
+            )
+        )
+    rows = conn.execute(query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit))
+    return _with_counts(conn, rows.all())
+
+
+class DuplicateRun(Exception):
+    """The insert hit a unique index: same request_id, or another active run."""
+
+
+def insert(
+    conn: Connection, *, tenant_id: str, run_id: str, request_id: str, now: datetime
+) -> None:
+    """Insert a pending run in a savepoint: a unique violation leaves the transaction usable."""
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                runs.insert().values(
+                    id=run_id,
+                    tenant_id=tenant_id,
+                    request_id=request_id,
+                    state=RunState.PENDING.value,
+                    cancel_requested=False,
+                    lease_epoch=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    except sa_exc.IntegrityError as error:
+        raise DuplicateRun() from error
+
+
+def claim_pending(
+    conn: Connection, *, tenant_id: str | None, worker_id: str, now: datetime
+) -> Row[Any] | None:
+    """Take the oldest pending run; None when there is none (or another worker won it)."""
+    oldest = (
+        select(runs.c.id)
+        .where(_scoped(tenant_id), _state_in(sources(Event.CLAIM)))
+        .order_by(runs.c.created_at, runs.c.id)
+        .limit(1)
+    )
+    if is_postgres(conn):
+        oldest = oldest.with_for_update(skip_locked=True)
+    return conn.execute(
+        update(runs)
+        .where(runs.c.id == oldest.scalar_subquery(), _state_in(sources(Event.CLAIM)))
+        .values(
+            state=target(Event.CLAIM).value,
+            worker_id=worker_id,
+            lease_epoch=runs.c.lease_epoch + 1,
+            started_at=now,
+            lock_ts=now,
+            last_heartbeat_at=now,
+            updated_at=now,
+        )
+        .returning(runs.c.id, runs.c.lease_epoch)
+    ).one_or_none()
+
+
+def resume_held(
+    conn: Connection, *, tenant_id: str | None, worker_id: str, now: datetime
+) -> Row[Any] | None:
+    """Take again the running run this worker already holds, under a new epoch."""
+    held = (
+        select(runs.c.id)
+        .where(
+            _scoped(tenant_id),
+            runs.c.worker_id == worker_id,
+            _state_in(sources(Event.RESUME)),
+        )
+        .order_by(runs.c.started_at, runs.c.id)
+        .limit(1)
+    )
+    return conn.execute(
+        update(runs)
+        .where(
+            runs.c.id == held.scalar_subquery(),
+            runs.c.worker_id == worker_id,
+            _state_in(sources(Event.RESUME)),
+        )
+        .values(
+            lease_epoch=runs.c.lease_epoch + 1,
+            lock_ts=now,
+            last_heartbeat_at=now,
+            updated_at=now,
+        )
+        .returning(runs.c.id, runs.c.tenant_id, runs.c.lease_epoch)
+    ).one_or_none()
+
+
+def touch_lease(
+    conn: Connection, run_id: str, *, tenant_id: str | None, lease_epoch: int, now: datetime
+) -> Row[Any] | None:
+    """Record a sign of life from the current lease holder; None if the lease is not current.
+
+    On PostgreSQL this also locks the run row until the transaction ends, which
+    serializes the lease holder's own concurrent calls (AcquireJobs above all).
+    """
+    return conn.execute(
+        update(runs)
+        .where(
+            runs.c.id == run_id,
+            _scoped(tenant_id),
+            runs.c.lease_epoch == lease_epoch,
+            runs.c.state == RunState.RUNNING.value,
+        )
+        .values(last_heartbeat_at=now, updated_at=now)
+        .returning(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
+    ).one_or_none()
+
+
+def request_cancel(
+    conn: Connection, run_id: str, *, tenant_id: str | None, reason: str, now: datetime
+) -> bool:
+    """Flag a running run for cooperative cancel; the first request's reason is kept."""
+    result = conn.execute(
+        update(runs)
+        .where(
+            runs.c.id == run_id,
+            _scoped(tenant_id),
+            runs.c.state == RunState.RUNNING.value,
+            runs.c.cancel_requested.is_(False),
+        )
+        .values(
+            cancel_requested=True,
+            cancel_reason=reason,
+            cancel_requested_at=now,
+            updated_at=now,
+        )
+    )
+    return result.rowcount == 1
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Extra conditions a finalizing statement checks besides the state."""
+
+    lease_epoch: int | None = None
+    silent_since: datetime | None = None  # last sign of life must be older than this
+    cancel_requested: bool | None = None
+    cancel_requested_before: datetime | None = None
+    nothing_unfinished: bool = False  # no queued or in-progress job may remain
+
+
+def finalize(
+    conn: Connection,
+    run_id: str,
+    *,
+    tenant_id: str | None,
+    event: Event,
+    reason: str | None,
+    now: datetime,
+    guard: Guard,
+    error: str | None = None,
+    cancel_reason: str | None = None,
+) -> Row[Any] | None:
+    """End a run: the one terminal transition. None when the guard did not hold.
+
+    Clears the lock fields and bumps the lease epoch, so that any later write
+    of the old lease holder is refused.
+    """
+    conditions = [runs.c.id == run_id, _scoped(tenant_id), _state_in(sources(event))]
+    if guard.lease_epoch is not None:
+        conditions.append(runs.c.lease_epoch == guard.lease_epoch)
+    if guard.silent_since is not None:
+        conditions.append(last_sign_of_life < guard.silent_since)
+    if guard.cancel_requested is not None:
+        conditions.append(runs.c.cancel_requested.is_(guard.cancel_requested))
+    if guard.cancel_requested_before is not None:
+        conditions.append(runs.c.cancel_requested_at < guard.cancel_requested_before)
+    if guard.nothing_unfinished:
+        conditions.append(~_has_unfinished_jobs)
+    return conn.execute(
+        update(runs)
+        .where(*conditions)
+        .values(
+            state=target(event).value,
+            stop_reason=reason,
+            error=error,
+            ended_at=now,
+            updated_at=now,
+            worker_id=None,
+            lock_ts=None,
+            lease_epoch=runs.c.lease_epoch + 1,
+            cancel_reason=func.coalesce(runs.c.cancel_reason, cancel_reason),
+        )
+        .returning(runs.c.id, runs.c.tenant_id, runs.c.state, runs.c.cancel_requested)
+    ).one_or_none()
+
+
+@dataclass(frozen=True)
+class SilentRun:
+    id: str
+    tenant_id: str
+    cancel_requested: bool
+
+
+def find_silent(conn: Connection, *, silent_since: datetime, limit: int) -> list[SilentRun]:
+    """Running runs with no sign of life since ``silent_since``, oldest first."""
+    rows = conn.execute(
+        select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
+        .where(runs.c.state == RunState.RUNNING.value, last_sign_of_life < silent_since)
+        .order_by(last_sign_of_life)
+        .limit(limit)
+    )
+    return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
+
+
+def find_unacknowledged_cancels(
+    conn: Connection, *, requested_before: datetime, limit: int
+) -> list[SilentRun]:
+    """Running runs whose cancel request has waited since before ``requested_before``."""
+    rows = conn.execute(
+        select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
+        .where(
+            runs.c.state == RunState.RUNNING.value,
+            runs.c.cancel_requested.is_(True),
+            runs.c.cancel_requested_at < requested_before,
+        )
+        .order_by(runs.c.cancel_requested_at)
+        .limit(limit)
+    )
+    return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
+
+
+def find_silent_with_nothing_left(
+    conn: Connection, *, silent_since: datetime, limit: int
+) -> list[SilentRun]:
+    """Silent running runs with no queued and no in-progress job (the seed's empty-queue rule)."""
+    rows = conn.execute(
+        select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
+        .where(
+            runs.c.state == RunState.RUNNING.value,
+            last_sign_of_life < silent_since,
+            ~_has_unfinished_jobs,
+        )
+        .limit(limit)
+    )
+    return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
