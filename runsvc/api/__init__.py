@@ -1,0 +1,1 @@
+"""The gRPC edge: proto ⇄ domain, errors → status, identity. Transport types stop here."""
