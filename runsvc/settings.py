@@ -7,6 +7,7 @@ listed in the README.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,10 +60,14 @@ class Settings:
         return SlotLimits(default=self.tenant_slots, per_tenant=dict(self.tenant_slot_overrides))
 
 
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
-    if not value > 0:
-        raise ValueError("must be a number greater than 0")
+    # math.isfinite first: "inf" and "1e400" parse, and would overflow timedelta later.
+    if not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"must be a number of seconds greater than 0 and at most {MAX_SECONDS:g}")
     return value
 
 
@@ -91,6 +96,12 @@ def _address(raw: str) -> str:
     return raw
 
 
+def _secret(raw: str) -> str:
+    if len(raw.encode()) < 32:
+        raise ValueError("must be at least 32 bytes (an HS256 key as long as its hash)")
+    return raw
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -108,11 +119,14 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_CANCEL_GRACE_SECONDS": ("cancel_grace_seconds", _positive_float),
     "RUNSVC_TENANT_SLOTS": ("tenant_slots", _positive_int),
     "RUNSVC_TENANT_SLOT_OVERRIDES": ("tenant_slot_overrides", _overrides),
-    "RUNSVC_JWT_SECRET": ("jwt_secret", str),
+    "RUNSVC_JWT_SECRET": ("jwt_secret", _secret),
     "RUNSVC_GRPC_MAX_WORKERS": ("grpc_max_workers", _positive_int),
     "RUNSVC_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
     "RUNSVC_LOG_LEVEL": ("log_level", _log_level),
 }
+
+
+_SECRETS = frozenset({"RUNSVC_JWT_SECRET"})
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -127,7 +141,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             values[attribute] = parse(raw)
         except ValueError as error:
-            problems.append(f"{name}={raw!r}: {error}")
+            shown = "(hidden)" if name in _SECRETS else repr(raw)
+            problems.append(f"{name}={shown}: {error}")
     if problems:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
     settings = Settings(**values)  # type: ignore[arg-type]

@@ -7,6 +7,8 @@ Claims: ``sub`` (who), ``role`` (worker, backend or admin), ``tenant``
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from runsvc.errors import Unauthenticated
 ALGORITHM = "HS256"
 ROLES = frozenset({"worker", "backend", "admin"})
 LEEWAY_SECONDS = 5
+# RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
+MIN_SECRET_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,23 @@ def verify(secret: str, token: str) -> Principal:
 
 
 def load_or_create_secret(path: Path) -> str:
-    """The signing secret kept in the data folder, created on first use (mode 0600)."""
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    path.touch(mode=0o600, exist_ok=True)
-    path.write_text(secret + "\n")
+    """The signing secret kept in the data folder, created on first use (mode 0600).
+
+    Created under a temporary name and linked into place, so that a server and
+    a command starting together agree on one secret and never read half a file.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(48) + "\n")
+            with contextlib.suppress(FileExistsError):  # another process won: use its secret
+                os.link(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    secret = path.read_text().strip()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"the signing secret in {path} is shorter than {MIN_SECRET_BYTES} bytes")
     return secret

@@ -94,12 +94,13 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         inner = handler.unary_unary
 
         def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
-            if token is None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
             try:
+                if token is None:
+                    raise tokens.Unauthenticated("missing bearer token")
                 principal = tokens.verify(self._secret, token)
             except tokens.Unauthenticated as refused:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, refused.message)
+                raise  # pragma: no cover - abort raises
             if allowed is None or principal.role not in allowed:
                 log.warning(
                     "role may not call this method",

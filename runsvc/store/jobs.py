@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, select, update
+from sqlalchemy import ColumnElement, Connection, Row, func, select, update
 
 from runsvc.domain import Job, JobOutcome, JobSpec, JobState, StopReason
 from runsvc.store.engine import is_postgres
@@ -172,6 +172,7 @@ def record_result(
     must have been failed as WORKER_LOST when its run ended, and have no
     result yet.
     """
+    held: ColumnElement[bool]
     if late:
         held = (
             (jobs.c.state == JobState.FAILED.value)

@@ -1,0 +1,376 @@
+"""The ``runsvc`` command against a real server process on a free port.
+
+The server keeps its SQLite database and its signing secret in a temporary
+data folder; the CLI, given the same folder, mints its own admin token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from runsvc_client.v1 import run_service_pb2 as pb
+from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
+
+STARTUP_TIMEOUT = 20.0
+SHUTDOWN_TIMEOUT = 15.0
+CLI_TIMEOUT = 30.0
+
+
+def runsvc_command() -> list[str]:
+    script = Path(sys.executable).with_name("runsvc")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-m", "runsvc.cli"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_environ() -> dict[str, str]:
+    """The test's environment without any RUNSVC_* setting of the machine."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RUNSVC_")}
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    address: str
+    stderr_path: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **clean_environ(),
+            "RUNSVC_DATA_DIR": str(self.data_dir),
+            "RUNSVC_GRPC_ADDRESS": self.address,
+        }
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*runsvc_command(), *args],
+            env=self.env if env is None else env,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            check=False,
+        )
+
+    def cli_json(self, *args: str) -> Any:
+        done = self.cli(*args)
+        assert done.returncode == 0, f"runsvc {' '.join(args)} failed: {done.stderr}"
+        return json.loads(done.stdout)
+
+    def token(self, role: str, tenant: str | None = None) -> str:
+        args = ["token", "--role", role] + (["--tenant", tenant] if tenant else [])
+        done = self.cli(*args)
+        assert done.returncode == 0, done.stderr
+        token = done.stdout.strip()
+        assert token.count(".") == 2, token
+        return token
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+
+def wait_serving(server: ServerProcess) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    with server.channel() as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if server.process.poll() is not None:
+                pytest.fail(
+                    f"the server exited with {server.process.returncode}:\n{server.stderr()}"
+                )
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"the server was not SERVING within {STARTUP_TIMEOUT} s:\n{server.stderr()}"
+                )
+            time.sleep(0.1)
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=SHUTDOWN_TIMEOUT)
+
+
+def start_server(data_dir: Path) -> ServerProcess:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stderr_path = data_dir.parent / f"{data_dir.name}-server.stderr"
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        **clean_environ(),
+        "RUNSVC_DATA_DIR": str(data_dir),
+        "RUNSVC_GRPC_ADDRESS": address,
+        "RUNSVC_STALE_AFTER_SECONDS": "1.5",
+        "RUNSVC_REAP_INTERVAL_SECONDS": "0.5",
+    }
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [*runsvc_command(), "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    server = ServerProcess(process, data_dir, address, stderr_path)
+    try:
+        wait_serving(server)
+    except BaseException:
+        kill(process)
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    running = start_server(tmp_path_factory.mktemp("cli") / "data")
+    try:
+        yield running
+    finally:
+        kill(running.process)
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def create_run(server: ServerProcess, token: str, request_id: str, jobs: int = 2) -> pb.Run:
+    with server.channel() as channel:
+        reply = pb_grpc.RunServiceStub(channel).CreateRun(
+            pb.CreateRunRequest(
+                request_id=request_id,
+                jobs=[
+                    pb.JobSpec(external_id=f"job-{i}", payload=f"{i}".encode()) for i in range(jobs)
+                ],
+            ),
+            metadata=bearer(token),
+            timeout=10,
+        )
+    assert reply.run.id
+    return reply.run
+
+
+# --- without a server ----------------------------------------------------------------
+
+
+def test_migrate_sql_for_postgresql_needs_no_database(tmp_path: Path) -> None:
+    env = {
+        **clean_environ(),
+        "RUNSVC_DATA_DIR": str(tmp_path),
+        "RUNSVC_DATABASE_URL": "postgresql+psycopg2://runsvc@127.0.0.1:1/runsvc",
+    }
+    done = subprocess.run(
+        [*runsvc_command(), "migrate", "--sql"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "CREATE TABLE runs" in done.stdout
+    assert "CREATE TABLE jobs" in done.stdout
+    assert not (tmp_path / "runsvc.db").exists()
+
+
+def test_bad_settings_exit_with_usage_error(tmp_path: Path) -> None:
+    env = {
+        **clean_environ(),
+        "RUNSVC_DATA_DIR": str(tmp_path),
+        "RUNSVC_STALE_AFTER_SECONDS": "abc",
+        "RUNSVC_TENANT_SLOTS": "0",
+    }
+    done = subprocess.run(
+        [*runsvc_command(), "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "RUNSVC_STALE_AFTER_SECONDS" in done.stderr
+    assert "RUNSVC_TENANT_SLOTS" in done.stderr
+
+
+# --- against a running server ----------------------------------------------------------
+
+
+def test_server_created_its_secret(cli_server: ServerProcess) -> None:
+    secret = cli_server.data_dir / "jwt-secret"
+    assert secret.is_file()
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert (cli_server.data_dir / "runsvc.db").is_file()
+
+
+def test_token_is_refused_for_a_backend_without_tenant(cli_server: ServerProcess) -> None:
+    done = cli_server.cli("token", "--role", "backend")
+    assert done.returncode == 2
+    assert "tenant" in done.stderr
+    assert done.stdout == ""
+
+
+def test_backend_flow(cli_server: ServerProcess) -> None:
+    token = cli_server.token("backend", "t1")
+
+    nothing = cli_server.cli("runs", "active", "--token", token)
+    assert nothing.returncode != 0
+    assert "NOT_FOUND" in nothing.stderr
+    assert nothing.stdout == ""
+
+    run = create_run(cli_server, token, "cli-flow-1")
+    assert run.tenant_id == "t1"
+    assert run.state == pb.RUN_STATE_PENDING
+
+    active = cli_server.cli_json("runs", "active", "--token", token)
+    assert active["id"] == run.id
+    assert active["tenant_id"] == "t1"
+    assert active["state"] == "RUN_STATE_PENDING"
+    assert active["job_counts"]["total"] == 2
+
+    listing = cli_server.cli_json("runs", "list", "--token", token)
+    assert run.id in [r["id"] for r in listing["runs"]]
+    assert {r["tenant_id"] for r in listing["runs"]} == {"t1"}
+
+    pending = cli_server.cli_json("runs", "list", "--state", "pending", "--token", token)
+    assert [r["id"] for r in pending["runs"]] == [run.id]
+
+    cancelled = cli_server.cli_json("cancel", run.id, "--reason", "not needed", "--token", token)
+    assert cancelled["run"]["id"] == run.id
+    assert cancelled["run"]["state"] == "RUN_STATE_CANCELLED"
+    assert cancelled["run"]["stop_reason"] == "CANCELLED_BY_USER"
+    assert cancelled["run"]["cancel_reason"] == "not needed"
+
+    forced = cli_server.cli_json("force-cancel", run.id, "--token", token)
+    assert forced["run"]["id"] == run.id
+    assert forced["run"]["state"] == "RUN_STATE_CANCELLED"
+
+    # Without --token and without RUNSVC_TOKEN the CLI mints an admin token.
+    assert "RUNSVC_TOKEN" not in cli_server.env
+    fetched = cli_server.cli_json("runs", "get", run.id)
+    assert fetched["id"] == run.id
+    assert fetched["state"] == "RUN_STATE_CANCELLED"
+
+    after = cli_server.cli("runs", "active", "--token", token)
+    assert after.returncode != 0
+    assert "NOT_FOUND" in after.stderr
+
+
+def test_force_cancel_of_a_pending_run(cli_server: ServerProcess) -> None:
+    token = cli_server.token("backend", "t2")
+    run = create_run(cli_server, token, "cli-force-1", jobs=3)
+    forced = cli_server.cli_json("force-cancel", run.id, "--reason", "operator", "--token", token)
+    assert forced["run"]["state"] == "RUN_STATE_CANCELLED"
+    assert forced["run"]["stop_reason"] == "FORCE_CANCELLED"
+    assert forced["cancelled_jobs"] == 3
+
+
+def test_a_backend_cannot_see_another_tenants_run(cli_server: ServerProcess) -> None:
+    run = create_run(cli_server, cli_server.token("backend", "t3"), "cli-hidden-1")
+    other = cli_server.token("backend", "t4")
+    done = cli_server.cli("runs", "get", run.id, "--token", other)
+    assert done.returncode != 0
+    assert "PERMISSION_DENIED" in done.stderr
+    assert run.id not in done.stderr
+    assert cli_server.cli_json("runs", "get", run.id)["tenant_id"] == "t3"
+
+
+def test_the_token_from_runsvc_token_is_used(cli_server: ServerProcess) -> None:
+    token = cli_server.token("backend", "t5")
+    env = {**cli_server.env, "RUNSVC_TOKEN": token}
+    done = cli_server.cli("runs", "active", env=env)
+    assert done.returncode != 0
+    assert "NOT_FOUND" in done.stderr
+    worker = cli_server.token("worker")
+    denied = cli_server.cli("runs", "active", env={**cli_server.env, "RUNSVC_TOKEN": worker})
+    assert denied.returncode != 0
+    assert "PERMISSION_DENIED" in denied.stderr
+
+
+def test_a_silent_worker_loses_its_run(cli_server: ServerProcess) -> None:
+    backend = cli_server.token("backend", "t6")
+    worker = cli_server.token("worker", "t6")
+    run = create_run(cli_server, backend, "cli-stale-1")
+    with cli_server.channel() as channel:
+        stub = pb_grpc.RunServiceStub(channel)
+        claim = stub.ClaimRun(
+            pb.ClaimRunRequest(worker_id="w-silent"), metadata=bearer(worker), timeout=10
+        )
+        assert claim.run.id == run.id
+        assert claim.lease_epoch >= 1
+        # No heartbeat: stale after 1.5 s, reaped within a 0.5 s interval.
+        deadline = time.monotonic() + 15
+        while True:
+            got = stub.GetRun(pb.GetRunRequest(run_id=run.id), metadata=bearer(backend), timeout=5)
+            if got.run.state != pb.RUN_STATE_RUNNING or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert got.run.state == pb.RUN_STATE_STOPPED
+    assert got.run.stop_reason == "HEARTBEAT_TIMEOUT"
+    assert got.run.end_time.ToDatetime() >= claim.run.start_time.ToDatetime()
+
+
+def test_reap_once_prints_a_report(cli_server: ServerProcess) -> None:
+    report = cli_server.cli_json("reap", "--once")
+    assert isinstance(report["total"], int)
+    assert report["total"] == sum(report["ended"].values())
+
+
+# --- shutdown ---------------------------------------------------------------------------
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "data")
+    try:
+        server.process.send_signal(signal.SIGTERM)
+        returncode = server.process.wait(timeout=SHUTDOWN_TIMEOUT)
+    finally:
+        kill(server.process)
+    assert returncode == 0, server.stderr()
+    messages = [record.get("message") for record in json_lines(server.stderr())]
+    assert "serving" in messages
+    assert "stopping" in messages
+    assert "stopped" in messages
+    assert messages.index("stopping") < messages.index("stopped")

@@ -1,0 +1,144 @@
+"""The transition table and the liveness rules of the pure domain."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from runsvc.domain import (
+    ACTIVE_STATES,
+    FINISH_EVENTS,
+    TERMINAL_STATES,
+    TRANSITIONS,
+    Event,
+    LivenessPolicy,
+    RunOutcome,
+    RunState,
+    StopReason,
+    finalization_for_lost_run,
+    sources,
+    target,
+)
+
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def test_active_and_terminal_states_partition_the_run_states() -> None:
+    assert ACTIVE_STATES == {RunState.PENDING, RunState.RUNNING}
+    assert ACTIVE_STATES.isdisjoint(TERMINAL_STATES)
+    assert ACTIVE_STATES | TERMINAL_STATES == set(RunState)
+
+
+def test_every_event_appears_in_the_table() -> None:
+    assert {event for (_, event) in TRANSITIONS} == set(Event)
+
+
+@pytest.mark.parametrize("event", list(Event))
+def test_every_event_has_exactly_one_target(event: Event) -> None:
+    targets = {dst for (_, ev), dst in TRANSITIONS.items() if ev is event}
+    assert len(targets) == 1
+    assert target(event) == targets.pop()
+
+
+@pytest.mark.parametrize("event", list(Event))
+def test_sources_match_the_table(event: Event) -> None:
+    expected = frozenset(src for (src, ev) in TRANSITIONS if ev is event)
+    assert sources(event) == expected
+    assert sources(event), f"{event} can fire from no state"
+
+
+def test_sources_and_targets_of_named_events() -> None:
+    assert sources(Event.CLAIM) == {RunState.PENDING}
+    assert target(Event.CLAIM) is RunState.RUNNING
+    assert sources(Event.RESUME) == {RunState.RUNNING}
+    assert target(Event.RESUME) is RunState.RUNNING
+    assert sources(Event.FORCE_CANCEL) == {RunState.PENDING, RunState.RUNNING}
+    assert target(Event.FORCE_CANCEL) is RunState.CANCELLED
+    assert sources(Event.CANCEL_PENDING) == {RunState.PENDING}
+    assert target(Event.LOST) is RunState.STOPPED
+    assert target(Event.LOST_WHILE_CANCELLING) is RunState.CANCELLED
+    assert target(Event.FINISH_COMPLETED) is RunState.COMPLETED
+    assert target(Event.FINISH_FAILED) is RunState.FAILED
+    assert target(Event.FINISH_CANCELLED) is RunState.CANCELLED
+
+
+def test_no_transition_leaves_a_terminal_state() -> None:
+    leaving = [(src, ev) for (src, ev) in TRANSITIONS if src in TERMINAL_STATES]
+    assert leaving == []
+
+
+def test_every_non_terminal_state_can_reach_a_terminal_state() -> None:
+    edges: dict[RunState, set[RunState]] = {}
+    for (src, _), dst in TRANSITIONS.items():
+        edges.setdefault(src, set()).add(dst)
+    for start in ACTIVE_STATES:
+        seen, frontier = {start}, [start]
+        while frontier:
+            for nxt in edges.get(frontier.pop(), set()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    frontier.append(nxt)
+        assert seen & TERMINAL_STATES, f"{start} cannot reach a terminal state"
+
+
+def test_every_terminal_state_is_reachable() -> None:
+    assert set(TRANSITIONS.values()) >= TERMINAL_STATES
+
+
+def test_finish_events_cover_every_outcome_and_lead_to_its_state() -> None:
+    assert set(FINISH_EVENTS) == set(RunOutcome)
+    for outcome, event in FINISH_EVENTS.items():
+        assert target(event) == RunState(outcome.value)
+        assert sources(event) == {RunState.RUNNING}
+
+
+@pytest.mark.parametrize("reason", list(StopReason))
+def test_lost_run_with_cancel_request_ends_cancelled_by_user(reason: StopReason) -> None:
+    final = finalization_for_lost_run(cancel_requested=True, reason=reason)
+    assert final.event is Event.LOST_WHILE_CANCELLING
+    assert final.state is RunState.CANCELLED
+    assert final.reason is StopReason.CANCELLED_BY_USER
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [StopReason.HEARTBEAT_TIMEOUT, StopReason.STARTUP_CLEANUP, StopReason.EMPTY_QUEUE],
+)
+def test_lost_run_without_cancel_request_stops_with_the_given_reason(reason: StopReason) -> None:
+    final = finalization_for_lost_run(cancel_requested=False, reason=reason)
+    assert final.event is Event.LOST
+    assert final.state is RunState.STOPPED
+    assert final.reason is reason
+
+
+def test_liveness_defaults_are_the_seed_values() -> None:
+    policy = LivenessPolicy()
+    assert policy.stale_after == timedelta(seconds=30)
+    assert policy.startup_cleanup_after == timedelta(minutes=5)
+    assert policy.cancel_grace == timedelta(seconds=60)
+
+
+def test_liveness_horizons_with_defaults() -> None:
+    policy = LivenessPolicy()
+    assert policy.stale_horizon(NOW) == NOW - timedelta(seconds=30)
+    assert policy.startup_horizon(NOW) == NOW - timedelta(seconds=300)
+    assert policy.cancel_horizon(NOW) == NOW - timedelta(seconds=60)
+    assert policy.stale_time(NOW) == NOW + timedelta(seconds=30)
+
+
+def test_liveness_with_a_fractional_stale_after() -> None:
+    policy = LivenessPolicy(
+        stale_after=timedelta(seconds=1.5),
+        startup_cleanup_after=timedelta(seconds=7),
+        cancel_grace=timedelta(seconds=2.25),
+    )
+    assert policy.stale_horizon(NOW) == NOW - timedelta(milliseconds=1500)
+    assert policy.startup_horizon(NOW) == NOW - timedelta(seconds=7)
+    assert policy.cancel_horizon(NOW) == NOW - timedelta(milliseconds=2250)
+    heartbeat = NOW - timedelta(seconds=1)
+    assert policy.stale_time(heartbeat) == NOW + timedelta(milliseconds=500)
+    # A heartbeat is stale exactly when it is older than the stale horizon.
+    assert heartbeat > policy.stale_horizon(NOW)
+    assert NOW - timedelta(seconds=2) < policy.stale_horizon(NOW)
+    assert policy.stale_time(heartbeat).tzinfo is UTC

@@ -1,0 +1,207 @@
+"""Settings from RUNSVC_* variables: defaults, parsing, and one message for every problem."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from runsvc import settings
+from runsvc.settings import SettingsError
+
+
+def test_defaults() -> None:
+    loaded = settings.load({})
+    assert loaded.stale_after_seconds == 30
+    assert loaded.reap_interval_seconds == 5
+    assert loaded.startup_cleanup_after_seconds == 300
+    assert loaded.cancel_grace_seconds == 60
+    assert loaded.tenant_slots == 10
+    assert loaded.tenant_slot_overrides == {}
+    assert loaded.grpc_address == "127.0.0.1:50051"
+    assert loaded.data_dir == Path("data")
+    assert loaded.database_url == ""
+    assert loaded.effective_database_url == "sqlite:///data/runsvc.db"
+    assert loaded.jwt_secret is None
+    assert loaded.jwt_secret_file == Path("data") / "jwt-secret"
+    assert loaded.log_level == "INFO"
+
+
+def test_load_ignores_the_process_environment_when_given_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RUNSVC_TENANT_SLOTS", "77")
+    assert settings.load({}).tenant_slots == 10
+    assert settings.load().tenant_slots == 77
+
+
+def test_empty_values_mean_the_default() -> None:
+    loaded = settings.load({"RUNSVC_STALE_AFTER_SECONDS": "", "RUNSVC_GRPC_ADDRESS": ""})
+    assert loaded.stale_after_seconds == 30
+    assert loaded.grpc_address == "127.0.0.1:50051"
+
+
+def test_sqlite_url_lives_under_the_data_dir(tmp_path: Path) -> None:
+    loaded = settings.load({"RUNSVC_DATA_DIR": str(tmp_path)})
+    assert loaded.data_dir == tmp_path
+    assert loaded.effective_database_url == f"sqlite:///{tmp_path}/runsvc.db"
+    assert loaded.jwt_secret_file == tmp_path / "jwt-secret"
+
+
+def test_an_explicit_database_url_wins(tmp_path: Path) -> None:
+    url = "postgresql+psycopg2://runsvc@db:5432/runsvc"
+    loaded = settings.load({"RUNSVC_DATA_DIR": str(tmp_path), "RUNSVC_DATABASE_URL": url})
+    assert loaded.effective_database_url == url
+
+
+def test_values_are_parsed() -> None:
+    loaded = settings.load(
+        {
+            "RUNSVC_GRPC_ADDRESS": "0.0.0.0:6000",
+            "RUNSVC_STALE_AFTER_SECONDS": "1.5",
+            "RUNSVC_REAP_INTERVAL_SECONDS": "0.5",
+            "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS": "2",
+            "RUNSVC_CANCEL_GRACE_SECONDS": "4.25",
+            "RUNSVC_TENANT_SLOTS": "3",
+            "RUNSVC_JWT_SECRET": "s3cret-that-is-at-least-32-bytes-long",
+            "RUNSVC_GRPC_MAX_WORKERS": "8",
+            "RUNSVC_SHUTDOWN_GRACE_SECONDS": "0.1",
+            "RUNSVC_LOG_LEVEL": "debug",
+        }
+    )
+    assert loaded.grpc_address == "0.0.0.0:6000"
+    assert loaded.stale_after_seconds == 1.5
+    assert loaded.reap_interval_seconds == 0.5
+    assert loaded.startup_cleanup_after_seconds == 2
+    assert loaded.cancel_grace_seconds == 4.25
+    assert loaded.tenant_slots == 3
+    assert loaded.jwt_secret == "s3cret-that-is-at-least-32-bytes-long"
+    assert loaded.grpc_max_workers == 8
+    assert loaded.shutdown_grace_seconds == 0.1
+    assert loaded.log_level == "DEBUG"
+
+
+def test_liveness_policy_follows_the_settings() -> None:
+    policy = settings.load(
+        {
+            "RUNSVC_STALE_AFTER_SECONDS": "1.5",
+            "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS": "2",
+            "RUNSVC_CANCEL_GRACE_SECONDS": "4.25",
+        }
+    ).liveness()
+    assert policy.stale_after == timedelta(milliseconds=1500)
+    assert policy.startup_cleanup_after == timedelta(seconds=2)
+    assert policy.cancel_grace == timedelta(milliseconds=4250)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("tenant-a=5,tenant-b=20", {"tenant-a": 5, "tenant-b": 20}),
+        (" tenant-a = 5 , tenant-b=20 ,", {"tenant-a": 5, "tenant-b": 20}),
+        ("solo=1", {"solo": 1}),
+        (",", {}),
+    ],
+)
+def test_tenant_slot_overrides(raw: str, expected: dict[str, int]) -> None:
+    loaded = settings.load({"RUNSVC_TENANT_SLOT_OVERRIDES": raw, "RUNSVC_TENANT_SLOTS": "4"})
+    assert loaded.tenant_slot_overrides == expected
+    limits = loaded.slot_limits()
+    assert limits.default == 4
+    assert limits.per_tenant == expected
+
+
+@pytest.mark.parametrize("raw", ["tenant-a", "tenant-a=", "=5", "tenant-a=0", "tenant-a=x"])
+def test_bad_tenant_slot_overrides(raw: str) -> None:
+    with pytest.raises(SettingsError, match="RUNSVC_TENANT_SLOT_OVERRIDES"):
+        settings.load({"RUNSVC_TENANT_SLOT_OVERRIDES": raw})
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("RUNSVC_STALE_AFTER_SECONDS", "abc"),
+        ("RUNSVC_STALE_AFTER_SECONDS", "0"),
+        ("RUNSVC_STALE_AFTER_SECONDS", "-1"),
+        ("RUNSVC_STALE_AFTER_SECONDS", "nan"),
+        ("RUNSVC_REAP_INTERVAL_SECONDS", "0"),
+        ("RUNSVC_CANCEL_GRACE_SECONDS", "-0.5"),
+        ("RUNSVC_TENANT_SLOTS", "0"),
+        ("RUNSVC_TENANT_SLOTS", "-1"),
+        ("RUNSVC_TENANT_SLOTS", "1.5"),
+        ("RUNSVC_GRPC_MAX_WORKERS", "many"),
+        ("RUNSVC_GRPC_ADDRESS", "127.0.0.1"),
+        ("RUNSVC_GRPC_ADDRESS", ":50051"),
+        ("RUNSVC_GRPC_ADDRESS", "localhost:port"),
+        ("RUNSVC_GRPC_ADDRESS", "localhost:70000"),
+        ("RUNSVC_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_a_bad_value_is_named(name: str, raw: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        settings.load({name: raw})
+    assert f"{name}={raw!r}" in str(raised.value)
+
+
+def test_every_bad_variable_is_named_at_once() -> None:
+    bad = {
+        "RUNSVC_STALE_AFTER_SECONDS": "abc",
+        "RUNSVC_REAP_INTERVAL_SECONDS": "0",
+        "RUNSVC_TENANT_SLOTS": "-1",
+        "RUNSVC_GRPC_ADDRESS": "no-port",
+        "RUNSVC_TENANT_SLOT_OVERRIDES": "tenant-a",
+    }
+    with pytest.raises(SettingsError) as raised:
+        settings.load({**bad, "RUNSVC_CANCEL_GRACE_SECONDS": "12"})
+    message = str(raised.value)
+    for name in bad:
+        assert name in message
+    assert "RUNSVC_CANCEL_GRACE_SECONDS" not in message
+    assert len(message.splitlines()) == 1 + len(bad)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "RUNSVC_STALE_AFTER_SECONDS",
+        "RUNSVC_REAP_INTERVAL_SECONDS",
+        "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS",
+        "RUNSVC_CANCEL_GRACE_SECONDS",
+        "RUNSVC_SHUTDOWN_GRACE_SECONDS",
+    ],
+)
+def test_an_infinite_duration_is_refused(name: str) -> None:
+    # An infinite duration cannot become a timedelta nor a wait or join timeout: it must be
+    # refused here, not fail later with OverflowError in the reaper, the liveness policy or
+    # the shutdown.
+    with pytest.raises(SettingsError) as raised:
+        settings.load({name: "inf"})
+    assert f"{name}='inf'" in str(raised.value)
+
+
+def test_startup_cleanup_shorter_than_stale_is_refused() -> None:
+    with pytest.raises(SettingsError) as raised:
+        settings.load(
+            {
+                "RUNSVC_STALE_AFTER_SECONDS": "60",
+                "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS": "30",
+            }
+        )
+    message = str(raised.value)
+    assert "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS" in message
+    assert "RUNSVC_STALE_AFTER_SECONDS" in message
+
+
+def test_startup_cleanup_equal_to_stale_is_allowed() -> None:
+    loaded = settings.load(
+        {"RUNSVC_STALE_AFTER_SECONDS": "45", "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS": "45"}
+    )
+    assert loaded.startup_cleanup_after_seconds == loaded.stale_after_seconds == 45
+
+
+def test_a_short_secret_is_refused_without_echoing_it() -> None:
+    with pytest.raises(SettingsError) as refused:
+        settings.load({"RUNSVC_JWT_SECRET": "tiny-secret"})
+    assert "RUNSVC_JWT_SECRET=(hidden)" in str(refused.value)
+    assert "tiny-secret" not in str(refused.value)
