@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install node_modules proto proto-check buf-lint lint services test run migrate clean
+.PHONY: help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,19 +43,20 @@ buf-lint: $(NODE_STAMP) ## Lint and format-check the .proto files with buf
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 
-lint: $(INSTALL_STAMP) ## ruff check, ruff format --check, then buf-lint
+lint: lint-py buf-lint ## ruff, mypy and buf lint
+
+lint-py: $(INSTALL_STAMP) ## ruff check, ruff format --check, mypy on the server package
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
-	$(MAKE) --no-print-directory buf-lint
+	$(VENV)/bin/mypy runsvc
 
 services: ## Make sure PostgreSQL and Redis are reachable for the tests
 	@bash scripts/services.sh
 
-test: $(INSTALL_STAMP) $(NODE_STAMP) ## Run services, proto-check, buf-lint and pytest (PYTEST_ARGS=...)
+test: $(INSTALL_STAMP) $(NODE_STAMP) ## Services, proto-check, lint, then pytest (PYTEST_ARGS=...)
 	@bash scripts/services.sh
 	$(VENV_PY) tools/gen_proto.py --check
-	$(BUF) lint
-	$(BUF) format --diff --exit-code
+	$(MAKE) --no-print-directory lint
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 run: $(INSTALL_STAMP) ## Apply the migrations, then serve
