@@ -11,7 +11,9 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean
+PY_SOURCES += $(wildcard bench)
+
+.PHONY: bench help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -65,6 +67,9 @@ run: $(INSTALL_STAMP) ## Apply the migrations, then serve
 
 migrate: $(INSTALL_STAMP) ## Apply the database migrations
 	$(VENV)/bin/runsvc migrate
+
+bench: $(INSTALL_STAMP) services ## Benchmark on the local PostgreSQL; JSON to bench/results/ (BENCH_ARGS=...)
+	$(VENV_PY) -m bench.run $(BENCH_ARGS)
 
 clean: ## Remove the venv, node_modules and caches
 	rm -rf $(VENV) node_modules build dist .pytest_cache .ruff_cache .mypy_cache

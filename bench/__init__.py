@@ -1,0 +1,1 @@
+"""Benchmarks for runsvc: ``make bench``."""

@@ -1,0 +1,142 @@
+"""Closed-loop load on one RPC from a separate process: ``python -m bench.load``.
+
+Keeps ``--concurrency`` calls in flight with ``grpc.aio`` for ``--duration``
+seconds after a warm-up, then prints one JSON object: calls, errors,
+throughput, p50/p99 latency, and the server's CPU seconds per call (read
+from ``/proc/PID/stat`` around the measured window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from runsvc import tokens
+from runsvc_client.v1 import run_service_pb2 as pb
+from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+Call = Callable[[int], Awaitable[Any]]
+
+
+def make_call(
+    rpc: str, channel: grpc.aio.Channel, targets: list[dict[str, Any]], secret: str
+) -> Call:
+    stub = pb_grpc.RunServiceStub(channel)
+
+    def auth(role: str, tenant: str | None) -> list[tuple[str, str]]:
+        token = tokens.issue(secret, role=role, tenant_id=tenant, ttl_seconds=3600)
+        return [("authorization", f"Bearer {token}")]
+
+    worker_md = [auth("worker", t["tenant_id"]) for t in targets]
+    backend_md = [auth("backend", t["tenant_id"]) for t in targets]
+
+    if rpc == "Check":
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        return lambda i: health.Check(request)
+    if rpc == "Heartbeat":
+        requests = [
+            pb.HeartbeatRequest(run_id=t["run_id"], lease_epoch=t["lease_epoch"]) for t in targets
+        ]
+        return lambda i: stub.Heartbeat(requests[i], metadata=worker_md[i])
+    if rpc == "GetActive":
+        request = pb.GetActiveRequest()
+        return lambda i: stub.GetActive(request, metadata=backend_md[i])
+    if rpc == "GetRun":
+        requests_get = [pb.GetRunRequest(run_id=t["run_id"]) for t in targets]
+        return lambda i: stub.GetRun(requests_get[i], metadata=backend_md[i])
+    raise SystemExit(f"unknown rpc {rpc}")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    targets: list[dict[str, Any]] = (
+        json.loads(Path(args.targets).read_text())
+        if args.targets
+        else [{"tenant_id": "t", "run_id": "", "lease_epoch": 1}]
+    )
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    measuring = False
+    stop_at = 0.0
+    async with grpc.aio.insecure_channel(args.address) as channel:
+        call = make_call(args.rpc, channel, targets, args.secret)
+
+        async def loop(slot: int) -> None:
+            index = slot % len(targets)
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                try:
+                    await call(index)
+                except grpc.aio.AioRpcError as error:
+                    if measuring:
+                        errors[error.code().name] = errors.get(error.code().name, 0) + 1
+                    continue
+                if measuring:
+                    latencies.append(time.perf_counter() - started)
+
+        stop_at = time.monotonic() + args.warmup + args.duration
+        tasks = [asyncio.create_task(loop(i)) for i in range(args.concurrency)]
+        await asyncio.sleep(args.warmup)
+        measuring = True
+        cpu_before, wall_before = cpu_seconds(args.server_pid), time.monotonic()
+        await asyncio.sleep(args.duration)
+        measuring = False
+        cpu_after, wall_after = cpu_seconds(args.server_pid), time.monotonic()
+        await asyncio.gather(*tasks)
+    latencies.sort()
+    calls = len(latencies)
+    wall = wall_after - wall_before
+    return {
+        "rpc": args.rpc,
+        "concurrency": args.concurrency,
+        "calls": calls,
+        "errors": errors,
+        "throughput": calls / wall,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "server_cpu_us_per_call": (cpu_after - cpu_before) / max(calls, 1) * 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--rpc", required=True)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--targets", help="JSON file: [{tenant_id, run_id, lease_epoch}]")
+    parser.add_argument("--server-pid", type=int, required=True)
+    parser.add_argument("--secret", default=os.environ.get("RUNSVC_JWT_SECRET", ""))
+    args = parser.parse_args()
+    random.seed(1)
+    json.dump(asyncio.run(run(args)), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""``make bench``: runsvc on PostgreSQL, measured side by side in one run.
+
+Starts a real server process on a fresh database, loads history, and drives
+each path from a separate load process (``bench.load``): the health Check
+(an empty handler: the ceiling), Heartbeat at 16/64/256 in flight, GetActive,
+GetRun, a worker's ClaimRun + AcquireJobs + ReportJobs over 1,000 jobs, and
+reaper passes over 10,000 running runs. Every path is reported as a ratio
+to the ceiling measured in the same run. Results: a table on stdout and
+JSON in ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from runsvc import tokens
+from runsvc.server import build
+from runsvc.settings import Settings
+from runsvc.store.schema import metadata
+from runsvc_client.v1 import run_service_pb2 as pb
+from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
+
+RESULTS = Path(__file__).parent / "results"
+SECRET = "bench-secret-long-enough-for-an-hs256-key"
+LIVE_RUNS = 256
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def create_database(base_url: str) -> str:
+    base = make_url(base_url)
+    name = f"runsvc_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = base.set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(url)
+    metadata.create_all(engine)
+    engine.dispose()
+    return url
+
+
+def drop_database(base_url: str, url: str) -> None:
+    admin = create_engine(make_url(base_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+# Bulk loading is done in SQL: it is set-up, not a path being measured.
+HISTORY_SQL = """
+INSERT INTO runs (id, tenant_id, request_id, state, cancel_requested, lease_epoch,
+                  created_at, started_at, ended_at, updated_at)
+SELECT md5('h' || g)::uuid::text, 'live-' || (g % :tenants), 'h-' || g, 'COMPLETED', false, 2,
+       now() - interval '30 days' + g * interval '1 second',
+       now() - interval '30 days' + g * interval '1 second',
+       now() - interval '30 days' + g * interval '1 second' + interval '5 minutes',
+       now() - interval '30 days' + g * interval '1 second' + interval '5 minutes'
+FROM generate_series(1, :n) AS g
+"""
+
+LIVE_SQL = """
+INSERT INTO runs (id, tenant_id, request_id, state, cancel_requested, worker_id, lease_epoch,
+                  lock_ts, last_heartbeat_at, created_at, started_at, updated_at)
+SELECT md5('live' || g)::uuid::text, :prefix || g, 'live-' || g, 'RUNNING', false,
+       'bench-worker-' || g, 1,
+       now() - :age * interval '1 second', now() - :age * interval '1 second',
+       now() - interval '1 hour', now() - interval '1 hour', now() - :age * interval '1 second'
+FROM generate_series(:first, :last) AS g
+"""
+
+LIVE_JOBS_SQL = """
+INSERT INTO jobs (id, run_id, tenant_id, seq, external_id, payload, state, late, created_at)
+SELECT md5('j' || g || '-' || s)::uuid::text, md5('live' || g)::uuid::text, :prefix || g, s,
+       'call-' || s, '\\x00'::bytea, 'QUEUED', false, now()
+FROM generate_series(:first, :last) AS g, generate_series(1, :jobs) AS s
+"""
+
+
+LIVE_TARGETS_SQL = """
+SELECT id, tenant_id, lease_epoch FROM runs WHERE state = 'RUNNING' ORDER BY tenant_id
+"""
+
+
+def load(url: str, *, history: int) -> list[dict[str, Any]]:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        if history:
+            conn.execute(text(HISTORY_SQL), {"n": history, "tenants": LIVE_RUNS})
+        params = {"prefix": "live-", "first": 0, "last": LIVE_RUNS - 1, "age": 1}
+        conn.execute(text(LIVE_SQL), params)
+        conn.execute(text(LIVE_JOBS_SQL), {**params, "jobs": 10})
+        conn.execute(text("ANALYZE"))
+        rows = conn.execute(text(LIVE_TARGETS_SQL)).all()
+    engine.dispose()
+    return [{"run_id": r.id, "tenant_id": r.tenant_id, "lease_epoch": r.lease_epoch} for r in rows]
+
+
+class ServerProcess:
+    def __init__(self, url: str, workdir: Path, *, extra_env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "RUNSVC_DATABASE_URL": url,
+            "RUNSVC_DATA_DIR": str(workdir),
+            "RUNSVC_GRPC_ADDRESS": self.address,
+            "RUNSVC_JWT_SECRET": SECRET,
+            "RUNSVC_STALE_AFTER_SECONDS": "3600",
+            "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS": "7200",
+            "RUNSVC_REAP_INTERVAL_SECONDS": "3600",
+            "RUNSVC_LOG_LEVEL": "WARNING",
+            **extra_env,
+        }
+        self.log = (workdir / "server.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runsvc.cli", "serve"], env=env, stderr=self.log
+        )
+        self._wait_serving()
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + 30
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        raise SystemExit("the server did not start; see its log")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+def drive(
+    server: ServerProcess, rpc: str, concurrency: int, targets: Path, duration: float
+) -> dict[str, Any]:
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.load",
+            "--address",
+            server.address,
+            "--rpc",
+            rpc,
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(duration),
+            "--targets",
+            str(targets),
+            "--server-pid",
+            str(server.process.pid),
+            "--secret",
+            SECRET,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    return json.loads(output.stdout)
+
+
+def worker_flow(server: ServerProcess, jobs: int) -> dict[str, Any]:
+    """One worker takes a run of ``jobs`` jobs through ClaimRun, AcquireJobs and ReportJobs."""
+    backend = [
+        (
+            "authorization",
+            "Bearer " + tokens.issue(SECRET, role="backend", tenant_id="flow", ttl_seconds=600),
+        )
+    ]
+    worker = [
+        (
+            "authorization",
+            "Bearer " + tokens.issue(SECRET, role="worker", tenant_id="flow", ttl_seconds=600),
+        )
+    ]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RunServiceStub(channel)
+        specs = [pb.JobSpec(external_id=f"c{i}", payload=b"+972500000000") for i in range(jobs)]
+        stub.CreateRun(pb.CreateRunRequest(request_id="flow", jobs=specs), metadata=backend)
+        calls = 0
+        started = time.perf_counter()
+        claim = stub.ClaimRun(pb.ClaimRunRequest(worker_id="flow-worker"), metadata=worker)
+        calls += 1
+        done = 0
+        while True:
+            got = stub.AcquireJobs(
+                pb.AcquireJobsRequest(
+                    run_id=claim.run.id, lease_epoch=claim.lease_epoch, max_jobs=100
+                ),
+                metadata=worker,
+            )
+            calls += 1
+            if not got.jobs:
+                break
+            stub.ReportJobs(
+                pb.ReportJobsRequest(
+                    run_id=claim.run.id,
+                    lease_epoch=claim.lease_epoch,
+                    results=[
+                        pb.JobResult(job_id=j.id, outcome=pb.JOB_OUTCOME_COMPLETED)
+                        for j in got.jobs
+                    ],
+                ),
+                metadata=worker,
+            )
+            calls += 1
+            done += len(got.jobs)
+        elapsed = time.perf_counter() - started
+    return {"jobs": done, "calls": calls, "seconds": elapsed, "jobs_per_second": done / elapsed}
+
+
+def reaper_passes(url: str, workdir: Path, *, running: int, stale: int) -> dict[str, Any]:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE runs, jobs, audit_events"))
+        fresh = {"prefix": "reap-", "first": 0, "last": running - stale - 1, "age": 1}
+        old = {"prefix": "reap-", "first": running - stale, "last": running - 1, "age": 3600}
+        conn.execute(text(LIVE_SQL), fresh)
+        conn.execute(text(LIVE_SQL), old)
+        conn.execute(text("ANALYZE"))
+    engine.dispose()
+    settings = Settings(data_dir=workdir, database_url=url, stale_after_seconds=30)
+    components = build(settings)
+    try:
+        started = time.perf_counter()
+        first = components.reaper.pass_once()
+        busy = time.perf_counter() - started
+        started = time.perf_counter()
+        second = components.reaper.pass_once()
+        idle = time.perf_counter() - started
+    finally:
+        components.db.dispose()
+    return {
+        "running": running,
+        "stale": stale,
+        "ended": first.total,
+        "pass_seconds": busy,
+        "idle_pass_seconds": idle,
+        "idle_ended": second.total,
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    ceiling = result["paths"]["Check@64"]["throughput"]
+    lines = [
+        "| path | calls/s | p50 ms | p99 ms | server CPU µs/call | ratio to ceiling |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in result["paths"].items():
+        lines.append(
+            f"| {name} | {row['throughput']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+            f"{row['server_cpu_us_per_call']:,.0f} | {row['throughput'] / ceiling:.2f} |"
+        )
+    flow = result["worker_flow"]
+    reap = result["reaper"]
+    lines += [
+        "",
+        f"worker flow: {flow['jobs']} jobs in {flow['seconds']:.2f} s "
+        f"({flow['jobs_per_second']:,.0f} jobs/s, {flow['calls']} calls)",
+        f"reaper: {reap['ended']} of {reap['running']} running runs ended in "
+        f"{reap['pass_seconds'] * 1000:.0f} ms; "
+        f"a pass with nothing stale: {reap['idle_pass_seconds'] * 1000:.1f} ms",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(
+            "RUNSVC_BENCH_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+        ),
+    )
+    parser.add_argument("--history", type=int, default=10_000, help="historical runs to load")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args()
+
+    url = create_database(args.database_url)
+    result: dict[str, Any] = {
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "history_runs": args.history,
+        "paths": {},
+    }
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            workdir = Path(scratch)
+            targets = load(url, history=args.history)
+            targets_file = workdir / "targets.json"
+            targets_file.write_text(json.dumps(targets))
+            server = ServerProcess(url, workdir, extra_env={})
+            try:
+                plan = [
+                    ("Check", 64),
+                    ("Heartbeat", 16),
+                    ("Heartbeat", 64),
+                    ("Heartbeat", 256),
+                    ("GetActive", 64),
+                    ("GetRun", 64),
+                ]
+                for rpc, concurrency in plan:
+                    name = f"{rpc}@{concurrency}"
+                    result["paths"][name] = drive(
+                        server, rpc, concurrency, targets_file, args.duration
+                    )
+                    print(f"measured {name}", file=sys.stderr)
+                result["worker_flow"] = worker_flow(server, 1000)
+            finally:
+                server.stop()
+            result["reaper"] = reaper_passes(url, workdir, running=10_000, stale=1_000)
+    finally:
+        drop_database(args.database_url, url)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"\nwritten to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
