@@ -148,7 +148,8 @@ def positive(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--address", default=os.environ.get("RUNSVC_GRPC_ADDRESS", "127.0.0.1:50051"))
+    default_address = os.environ.get("RUNSVC_GRPC_ADDRESS", "127.0.0.1:50051")
+    parser.add_argument("--address", default=default_address)
     parser.add_argument("--token", default=os.environ.get("RUNSVC_TOKEN"), help="worker token")
     parser.add_argument("--worker-id", default=f"dialer-{os.getpid()}")
     parser.add_argument("--rate", type=positive, default=10.0, help="calls per second")

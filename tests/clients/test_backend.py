@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -17,8 +17,8 @@ from runsvc_client import (
     RetryPolicy,
     RunState,
     WorkerClient,
+    errors,
 )
-from runsvc_client import errors
 from tests.clients.conftest import address, token
 from tests.support.proxy import TcpProxy
 
@@ -28,9 +28,9 @@ def specs(n: int) -> list[JobSpec]:
 
 
 @pytest.fixture
-def backend(server: Server) -> BackendClient:
+def backend(server: Server) -> Iterator[BackendClient]:
     with BackendClient(address(server), token=token("backend")) as client:
-        yield client  # type: ignore[misc]
+        yield client
 
 
 def test_active_run_create_get_cancel(backend: BackendClient, server: Server) -> None:
