@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 PY_SOURCES += $(wildcard bench)
 
-.PHONY: bench help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean
+.PHONY: bench help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean demo
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,10 +47,11 @@ buf-lint: $(NODE_STAMP) ## Lint and format-check the .proto files with buf
 
 lint: lint-py buf-lint ## ruff, mypy and buf lint
 
-lint-py: $(INSTALL_STAMP) ## ruff check, ruff format --check, mypy on the server package
+lint-py: $(INSTALL_STAMP) ## ruff check, ruff format --check, mypy on the server and client packages
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 	$(VENV)/bin/mypy runsvc
+	$(VENV)/bin/mypy --strict clients/runsvc_client clients/examples
 
 services: ## Make sure PostgreSQL and Redis are reachable for the tests
 	@bash scripts/services.sh
@@ -70,6 +71,9 @@ migrate: $(INSTALL_STAMP) ## Apply the database migrations
 
 bench: $(INSTALL_STAMP) services ## Benchmark on the local PostgreSQL; JSON to bench/results/ (BENCH_ARGS=...)
 	$(VENV_PY) -m bench.run $(BENCH_ARGS)
+
+demo: $(INSTALL_STAMP) ## A worker crash and a force-cancel on a fresh server (about a minute)
+	$(VENV_PY) scripts/demo.py
 
 clean: ## Remove the venv, node_modules and caches
 	rm -rf $(VENV) node_modules build dist .pytest_cache .ruff_cache .mypy_cache
