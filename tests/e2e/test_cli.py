@@ -95,8 +95,9 @@ class ServerProcess:
         assert done.returncode == 0, f"runsvc {' '.join(args)} failed: {done.stderr}"
         return json.loads(done.stdout)
 
-    def token(self, role: str, tenant: str | None = None) -> str:
+    def token(self, role: str, tenant: str | None = None, subject: str | None = None) -> str:
         args = ["token", "--role", role] + (["--tenant", tenant] if tenant else [])
+        args += ["--subject", subject] if subject else []
         done = self.cli(*args)
         assert done.returncode == 0, done.stderr
         token = done.stdout.strip()
@@ -331,7 +332,7 @@ def test_the_token_from_runsvc_token_is_used(cli_server: ServerProcess) -> None:
 
 def test_a_silent_worker_loses_its_run(cli_server: ServerProcess) -> None:
     backend = cli_server.token("backend", "t6")
-    worker = cli_server.token("worker", "t6")
+    worker = cli_server.token("worker", "t6", subject="w-silent")
     run = create_run(cli_server, backend, "cli-stale-1")
     with cli_server.channel() as channel:
         stub = pb_grpc.RunServiceStub(channel)
