@@ -43,6 +43,9 @@ MAX_SUBJECT_LENGTH = 256
 REFUSED = "invalid or expired token"
 # How often a key file is checked for a newer version (key rotation without restart).
 KEY_RELOAD_SECONDS = 1.0
+# Verified tokens remembered, and for how long at most (a removed key stops working then).
+VERIFIED_CACHE_SIZE = 4096
+VERIFIED_CACHE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,7 @@ class Verifier:
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     def _candidate_keys(self, algorithm: str, kid: object) -> list[Any]:
         if algorithm == "HS256":
@@ -183,9 +187,25 @@ class Verifier:
         return [k.key for k in fitting]
 
     def verify(self, token: str) -> Principal:
-        """The caller behind ``token``; every refusal says the same thing."""
+        """The caller behind ``token``; every refusal says the same thing.
+
+        A token that verified is remembered for a short while (never past its
+        expiry), so that a client calling many times with one token does not
+        pay for a signature check each time; refusals are never remembered.
+        """
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated(REFUSED)
+        now = time.time()
+        cached = self._verified.get(token)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        principal, expires = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (principal, min(expires, now + VERIFIED_CACHE_SECONDS))
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as error:
@@ -215,7 +235,7 @@ class Verifier:
                 continue  # another key of the set may have signed it
             except jwt.PyJWTError as error:
                 raise Unauthenticated(REFUSED) from error
-            return _principal(claims)
+            return _principal(claims), float(claims["exp"])
         raise Unauthenticated(REFUSED)
 
 
