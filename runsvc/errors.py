@@ -13,7 +13,8 @@ codes in exactly one place (``runsvc.api.errors``)::
     ├── FailedPrecondition
     │   ├── LeaseLost            the caller's lease is no longer current: stop now
     │   └── InvalidTransition    the run's state does not allow this
-    └── Unavailable              the store cannot be reached
+    ├── Unavailable              the store cannot be reached
+    └── RateLimited              the caller's tenant spent its budget for this kind of call
 
 Each class's docstring is its default message.
 """
@@ -102,3 +103,12 @@ class InvalidTransition(FailedPrecondition):
 
 class Unavailable(RunsvcError):
     """The store is unavailable; try again."""
+
+
+class RateLimited(RunsvcError):
+    """Too many requests; retry later."""
+
+    def __init__(self, *, retry_after_seconds: float, rate_class: str) -> None:
+        super().__init__()
+        self.retry_after_seconds = retry_after_seconds
+        self.rate_class = rate_class

@@ -20,8 +20,10 @@ from runsvc import tokens
 from runsvc.api.auth import SERVICE, AuthInterceptor
 from runsvc.api.servicer import RunServiceServicer
 from runsvc.clock import Clock
+from runsvc.ratelimit import RateLimiter
 from runsvc.reaper import Reaper
 from runsvc.service import RunService
+from runsvc.service.security import SecurityAudit
 from runsvc.settings import Settings
 from runsvc.slots import StoreSlots
 from runsvc.store import migrate
@@ -32,7 +34,7 @@ from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_SEND_BYTES = 4 * 1024 * 1024
 
 
 def jwt_secret(settings: Settings) -> str:
@@ -40,6 +42,35 @@ def jwt_secret(settings: Settings) -> str:
     if settings.jwt_secret:
         return settings.jwt_secret
     return tokens.load_or_create_secret(settings.jwt_secret_file)
+
+
+def token_verifier(settings: Settings, secret: str | None) -> tokens.Verifier:
+    """The token checks the settings ask for (SECURITY.md)."""
+    keys = None
+    if settings.jwt_public_key_file:
+        keys = tokens.KeyFile(settings.jwt_public_key_file, tokens.load_pem_keys).keys
+    elif settings.jwt_jwks_file:
+        keys = tokens.KeyFile(settings.jwt_jwks_file, tokens.load_jwks).keys
+    return tokens.Verifier(
+        algorithms=settings.jwt_algorithms,
+        secret=secret if "HS256" in settings.jwt_algorithms else None,
+        public_keys=keys,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway=settings.jwt_leeway_seconds,
+    )
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is configured; mutual TLS when a client CA is too."""
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        return None
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 @dataclass
@@ -64,27 +95,47 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Components:
 class Server:
     """A running gRPC server with its health service and reaper thread."""
 
-    def __init__(self, components: Components, *, secret: str) -> None:
+    def __init__(self, components: Components, *, secret: str | None = None) -> None:
         self.components = components
         settings = components.settings
+        self.audit = SecurityAudit(
+            components.service.context, window_seconds=settings.audit_aggregate_seconds
+        )
+        interceptor = AuthInterceptor(
+            token_verifier(settings, secret),
+            audit=self.audit,
+            limiter=RateLimiter(settings.rate_limits),
+            max_deadline_seconds=settings.grpc_max_deadline_seconds,
+        )
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.grpc_max_workers, thread_name_prefix="rpc"
             ),
-            interceptors=[AuthInterceptor(secret)],
+            interceptors=[interceptor],
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
+                ("grpc.max_metadata_size", settings.grpc_max_metadata_bytes),
+                ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
             ],
+            # Beyond this many calls in flight, new ones are refused RESOURCE_EXHAUSTED
+            # at once instead of queueing without bound behind the worker threads.
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
-        pb_grpc.add_RunServiceServicer_to_server(RunServiceServicer(components.service), self._grpc)
+        pb_grpc.add_RunServiceServicer_to_server(
+            RunServiceServicer(components.service, audit=self.audit), self._grpc
+        )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (pb.DESCRIPTOR.services_by_name["RunService"].full_name, reflection.SERVICE_NAME),
             self._grpc,
         )
-        self.port = self._grpc.add_insecure_port(settings.grpc_address)
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = self._grpc.add_insecure_port(settings.grpc_address)
+        else:
+            self.port = self._grpc.add_secure_port(settings.grpc_address, credentials)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.grpc_address}")
         self._stop_reaper = threading.Event()
@@ -112,6 +163,7 @@ class Server:
         self._stop_reaper.set()
         grace = self.components.settings.shutdown_grace_seconds if grace is None else grace
         self._grpc.stop(grace).wait()
+        self.audit.flush()
         if self._reaper_thread.is_alive():
             self._reaper_thread.join(timeout=grace + 5)
         self.components.db.dispose()
@@ -127,8 +179,8 @@ def serve(settings: Settings) -> int:
     if url.startswith("sqlite"):
         # The embedded default needs no separate step: bring its schema up to date.
         migrate.upgrade(url)
-    secret = jwt_secret(settings)
-    if not settings.jwt_secret:
+    secret = jwt_secret(settings) if "HS256" in settings.jwt_algorithms else None
+    if secret and not settings.jwt_secret:
         log.info(
             "using the signing secret kept in the data folder",
             extra={"path": str(settings.jwt_secret_file.resolve())},

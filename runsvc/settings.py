@@ -40,6 +40,23 @@ class Settings:
     grpc_max_workers: int = 32
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # Security settings (SECURITY.md): token checks, TLS, limits and rate limits.
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_public_key_file: Path | None = None
+    jwt_jwks_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = 5.0
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    grpc_max_message_bytes: int = 1024 * 1024
+    grpc_max_metadata_bytes: int = 16 * 1024
+    grpc_max_concurrent_streams: int = 100
+    grpc_max_concurrent_rpcs: int = 256
+    grpc_max_deadline_seconds: float = 30.0
+    rate_limits: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    audit_aggregate_seconds: float = 60.0
 
     @property
     def effective_database_url(self) -> str:
@@ -109,6 +126,58 @@ def _log_level(raw: str) -> str:
     return level
 
 
+RATE_CLASSES = ("read", "write", "worker", "heartbeat")
+MAX_GRPC_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def _algorithms(raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip().upper() for part in raw.split(",") if part.strip()))
+    allowed = ("HS256", "RS256", "ES256")
+    if not names or any(name not in allowed for name in names):
+        raise ValueError(f"must be a comma-separated list of {', '.join(allowed)}")
+    return names
+
+
+def _existing_file(raw: str) -> Path:
+    path = Path(raw)
+    if not path.is_file():
+        raise ValueError("no such file")
+    return path
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if not low <= value <= high:
+            raise ValueError(f"must be a whole number between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _leeway(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or not 0 <= value <= 300:
+        raise ValueError("must be a number of seconds between 0 and 300")
+    return value
+
+
+def _rate_limits(raw: str) -> dict[str, tuple[float, float]]:
+    """``read=50:100,heartbeat=20:40``: requests per second and burst, per tenant."""
+    result: dict[str, tuple[float, float]] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, _, spec = item.partition("=")
+        rate, _, burst = spec.partition(":")
+        if name.strip() not in RATE_CLASSES or not rate:
+            raise ValueError(f"must look like read=50:100 with classes {', '.join(RATE_CLASSES)}")
+        per_second = float(rate)
+        size = float(burst) if burst else max(per_second, 1.0)
+        if not (math.isfinite(per_second) and math.isfinite(size)) or per_second <= 0 or size < 1:
+            raise ValueError("a rate must be above 0 per second and a burst at least 1")
+        result[name.strip()] = (per_second, size)
+    return result
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_DATA_DIR": ("data_dir", Path),
     "RUNSVC_DATABASE_URL": ("database_url", str),
@@ -123,6 +192,25 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_GRPC_MAX_WORKERS": ("grpc_max_workers", _positive_int),
     "RUNSVC_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
     "RUNSVC_LOG_LEVEL": ("log_level", _log_level),
+    "RUNSVC_JWT_ALGORITHMS": ("jwt_algorithms", _algorithms),
+    "RUNSVC_JWT_PUBLIC_KEY_FILE": ("jwt_public_key_file", _existing_file),
+    "RUNSVC_JWT_JWKS_FILE": ("jwt_jwks_file", _existing_file),
+    "RUNSVC_JWT_ISSUER": ("jwt_issuer", str),
+    "RUNSVC_JWT_AUDIENCE": ("jwt_audience", str),
+    "RUNSVC_JWT_LEEWAY_SECONDS": ("jwt_leeway_seconds", _leeway),
+    "RUNSVC_TLS_CERT_FILE": ("tls_cert_file", _existing_file),
+    "RUNSVC_TLS_KEY_FILE": ("tls_key_file", _existing_file),
+    "RUNSVC_TLS_CLIENT_CA_FILE": ("tls_client_ca_file", _existing_file),
+    "RUNSVC_GRPC_MAX_MESSAGE_BYTES": (
+        "grpc_max_message_bytes",
+        _bounded_int(1024, MAX_GRPC_MESSAGE_BYTES),
+    ),
+    "RUNSVC_GRPC_MAX_METADATA_BYTES": ("grpc_max_metadata_bytes", _bounded_int(1024, 64 * 1024)),
+    "RUNSVC_GRPC_MAX_CONCURRENT_STREAMS": ("grpc_max_concurrent_streams", _bounded_int(1, 1000)),
+    "RUNSVC_GRPC_MAX_CONCURRENT_RPCS": ("grpc_max_concurrent_rpcs", _bounded_int(1, 10_000)),
+    "RUNSVC_GRPC_MAX_DEADLINE_SECONDS": ("grpc_max_deadline_seconds", _positive_float),
+    "RUNSVC_RATE_LIMITS": ("rate_limits", _rate_limits),
+    "RUNSVC_AUDIT_AGGREGATE_SECONDS": ("audit_aggregate_seconds", _positive_float),
 }
 
 
@@ -151,4 +239,24 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             "invalid settings:\n  RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS must not be shorter "
             "than RUNSVC_STALE_AFTER_SECONDS"
         )
+    _check_security(settings)
     return settings
+
+
+def _check_security(settings: Settings) -> None:
+    problems = []
+    if set(settings.jwt_algorithms) - {"HS256"} and not (
+        settings.jwt_public_key_file or settings.jwt_jwks_file
+    ):
+        problems.append(
+            "RUNSVC_JWT_ALGORITHMS with RS256 or ES256 needs RUNSVC_JWT_PUBLIC_KEY_FILE "
+            "or RUNSVC_JWT_JWKS_FILE"
+        )
+    if settings.jwt_public_key_file and settings.jwt_jwks_file:
+        problems.append("set RUNSVC_JWT_PUBLIC_KEY_FILE or RUNSVC_JWT_JWKS_FILE, not both")
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        problems.append("RUNSVC_TLS_CERT_FILE and RUNSVC_TLS_KEY_FILE go together")
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        problems.append("RUNSVC_TLS_CLIENT_CA_FILE needs RUNSVC_TLS_CERT_FILE")
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))

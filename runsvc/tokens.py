@@ -1,28 +1,51 @@
-"""Bearer tokens: HS256 JWTs carrying a role and, for most callers, a tenant.
+"""Bearer tokens: JWTs carrying a role and, for most callers, a tenant.
 
 Claims: ``sub`` (who), ``role`` (worker, backend or admin), ``tenant``
 (required for backends; absent only for admins and fleet-wide workers),
-``iat`` and ``exp`` (always checked).
+``iat``, ``exp`` (always required), ``nbf`` (checked when present), and
+``iss``/``aud`` (required and checked when the server is configured with them).
+
+Algorithms come from an allowlist. HS256 verifies with the shared secret only;
+RS256 and ES256 verify with public keys only (a PEM file of one or more keys,
+or a JWKS file), so a public key can never be used as an HMAC secret (key
+confusion) and ``alg: none`` is never accepted. Every refusal carries the same
+message, so that an attacker learns nothing from it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from runsvc.errors import Unauthenticated
 
 ALGORITHM = "HS256"
+SUPPORTED_ALGORITHMS = ("HS256", "RS256", "ES256")
 ROLES = frozenset({"worker", "backend", "admin"})
 LEEWAY_SECONDS = 5
 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
 MIN_SECRET_BYTES = 32
+MAX_TOKEN_BYTES = 8 * 1024
+MAX_TENANT_LENGTH = 128
+MAX_SUBJECT_LENGTH = 256
+REFUSED = "invalid or expired token"
+# How often a key file is checked for a newer version (key rotation without restart).
+KEY_RELOAD_SECONDS = 1.0
+# Verified tokens remembered, and for how long at most (a removed key stops working then).
+VERIFIED_CACHE_SIZE = 4096
+VERIFIED_CACHE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -33,8 +56,16 @@ class Principal:
 
 
 def issue(
-    secret: str, *, role: str, tenant_id: str | None, ttl_seconds: int, subject: str | None = None
+    secret: str,
+    *,
+    role: str,
+    tenant_id: str | None,
+    ttl_seconds: int,
+    subject: str | None = None,
+    issuer: str | None = None,
+    audience: str | None = None,
 ) -> str:
+    """An HS256 token; ``issuer``/``audience`` are set when the server checks them."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(sorted(ROLES))}")
     if role == "backend" and not tenant_id:
@@ -48,27 +79,182 @@ def issue(
     }
     if tenant_id:
         claims["tenant"] = tenant_id
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def verify(secret: str, token: str) -> Principal:
-    """The caller behind ``token``; every refusal says as little as possible."""
-    try:
-        claims = jwt.decode(
-            token,
-            secret,
-            algorithms=[ALGORITHM],
-            options={"require": ["exp", "role"]},
-            leeway=LEEWAY_SECONDS,
+@dataclass(frozen=True)
+class PublicKey:
+    key: Any  # an RSA or EC public key of ``cryptography``
+    kid: str | None = None
+
+
+def _algorithm_fits(algorithm: str, key: Any) -> bool:
+    if algorithm == "RS256":
+        return isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048
+    if algorithm == "ES256":
+        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+    return False
+
+
+def load_pem_keys(text: str) -> list[PublicKey]:
+    """Every ``PUBLIC KEY`` block of a PEM file (several during a key rotation)."""
+    marker = "-----END PUBLIC KEY-----"
+    blocks = [block + marker for block in text.split(marker) if "-----BEGIN" in block]
+    if not blocks:
+        raise ValueError("no PEM public key found")
+    return [PublicKey(load_pem_public_key(block.strip().encode())) for block in blocks]
+
+
+def load_jwks(text: str) -> list[PublicKey]:
+    """The public keys of a JWKS document (RFC 7517); private parts are refused."""
+    document = json.loads(text)
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ValueError("a JWKS file needs a non-empty 'keys' list")
+    loaded = []
+    for entry in keys:
+        if not isinstance(entry, dict) or "d" in entry or entry.get("kty") == "oct":
+            raise ValueError("a JWKS file may hold only RSA or EC public keys")
+        jwk = jwt.PyJWK(entry)
+        loaded.append(PublicKey(jwk.key, kid=entry.get("kid")))
+    return loaded
+
+
+class KeyFile:
+    """Public keys from a file, reloaded when the file changes (rotation without restart)."""
+
+    def __init__(self, path: Path, parse: Callable[[str], list[PublicKey]]) -> None:
+        self._path = path
+        self._parse = parse
+        self._lock = threading.Lock()
+        self._checked = 0.0
+        self._mtime = path.stat().st_mtime_ns
+        self._keys = parse(path.read_text())
+
+    def keys(self) -> list[PublicKey]:
+        now = time.monotonic()
+        if now - self._checked < KEY_RELOAD_SECONDS:
+            return self._keys
+        with self._lock:
+            self._checked = now
+            with contextlib.suppress(OSError, ValueError):  # keep the last good keys
+                mtime = self._path.stat().st_mtime_ns
+                if mtime != self._mtime:
+                    self._keys = self._parse(self._path.read_text())
+                    self._mtime = mtime
+        return self._keys
+
+
+class Verifier:
+    """Checks tokens against the allowlist of algorithms and the configured keys."""
+
+    def __init__(
+        self,
+        *,
+        algorithms: Sequence[str] = (ALGORITHM,),
+        secret: str | None = None,
+        public_keys: Callable[[], Sequence[PublicKey]] | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway: float = LEEWAY_SECONDS,
+    ) -> None:
+        unknown = set(algorithms) - set(SUPPORTED_ALGORITHMS)
+        if unknown or not algorithms:
+            raise ValueError(f"algorithms must be among {', '.join(SUPPORTED_ALGORITHMS)}")
+        if "HS256" in algorithms and not secret:
+            raise ValueError("HS256 needs a secret")
+        if set(algorithms) - {"HS256"} and public_keys is None:
+            raise ValueError("RS256 and ES256 need public keys")
+        self.algorithms = tuple(algorithms)
+        self._secret = secret
+        self._public_keys = public_keys
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway
+        self._verified: dict[str, tuple[Principal, float]] = {}
+
+    def _candidate_keys(self, algorithm: str, kid: object) -> list[Any]:
+        if algorithm == "HS256":
+            return [self._secret]
+        assert self._public_keys is not None
+        fitting = [k for k in self._public_keys() if _algorithm_fits(algorithm, k.key)]
+        if isinstance(kid, str) and any(k.kid for k in fitting):
+            fitting = [k for k in fitting if k.kid == kid]
+        return [k.key for k in fitting]
+
+    def verify(self, token: str) -> Principal:
+        """The caller behind ``token``; every refusal says the same thing.
+
+        A token that verified is remembered for a short while (never past its
+        expiry), so that a client calling many times with one token does not
+        pay for a signature check each time; refusals are never remembered.
+        """
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Unauthenticated(REFUSED)
+        now = time.time()
+        cached = self._verified.get(token)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        principal, expires = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (principal, min(expires, now + VERIFIED_CACHE_SECONDS))
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as error:
+            raise Unauthenticated(REFUSED) from error
+        algorithm = header.get("alg")
+        if algorithm not in self.algorithms:
+            raise Unauthenticated(REFUSED)
+        required = (
+            ["exp", "role"]
+            + (["iss"] if self._issuer else [])
+            + (["aud"] if self._audience else [])
         )
-    except jwt.PyJWTError as error:
-        raise Unauthenticated("invalid or expired token") from error
-    role, tenant = claims.get("role"), claims.get("tenant")
-    if role not in ROLES or (tenant is not None and not isinstance(tenant, str)):
-        raise Unauthenticated("invalid or expired token")
+        for key in self._candidate_keys(algorithm, header.get("kid")):
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[algorithm],
+                    # With no audience configured, a token that names one (it was
+                    # minted for some other service) is refused.
+                    options={"require": required},
+                    issuer=self._issuer,
+                    audience=self._audience,
+                    leeway=self._leeway,
+                )
+            except jwt.InvalidSignatureError:
+                continue  # another key of the set may have signed it
+            except jwt.PyJWTError as error:
+                raise Unauthenticated(REFUSED) from error
+            return _principal(claims), float(claims["exp"])
+        raise Unauthenticated(REFUSED)
+
+
+def _principal(claims: dict[str, Any]) -> Principal:
+    role, tenant, subject = claims.get("role"), claims.get("tenant"), claims.get("sub", "")
+    if role not in ROLES or not isinstance(subject, str) or len(subject) > MAX_SUBJECT_LENGTH:
+        raise Unauthenticated(REFUSED)
+    if tenant is not None and not (
+        isinstance(tenant, str) and len(tenant) <= MAX_TENANT_LENGTH and tenant.isprintable()
+    ):
+        raise Unauthenticated(REFUSED)
     if role == "backend" and not tenant:
-        raise Unauthenticated("invalid or expired token")
-    return Principal(subject=str(claims.get("sub", role)), role=role, tenant_id=tenant or None)
+        raise Unauthenticated(REFUSED)
+    return Principal(subject=subject or role, role=role, tenant_id=tenant or None)
+
+
+def verify(secret: str, token: str) -> Principal:
+    """The caller behind an HS256 ``token`` signed with ``secret``."""
+    return Verifier(algorithms=(ALGORITHM,), secret=secret).verify(token)
 
 
 def load_or_create_secret(path: Path) -> str:

@@ -4,19 +4,33 @@ Deny by default: an RPC of ours that is missing from :data:`RPC_ROLES` is
 refused for everyone (a unit test walks the service descriptor so that a new
 RPC cannot ship without an entry). Only the health and reflection services
 are open.
+
+Every call of ours passes, in this order (AIP-211: authorization before
+validation): authentication (a bearer token, or a worker's client
+certificate), the role table, the tenant's rate limit for the RPC's class,
+the deadline cap, and only then the decoding of the request bytes, so that
+an unauthenticated caller never reaches the protobuf parser and a message
+that does not parse is INVALID_ARGUMENT, not INTERNAL.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
-from runsvc import tokens
-from runsvc.errors import FieldViolation, InvalidArgument, PermissionDenied
+from runsvc import deadline, tokens
+from runsvc.api.status import to_status
+from runsvc.errors import FieldViolation, InvalidArgument, PermissionDenied, RateLimited
+from runsvc.ratelimit import RateLimiter
+from runsvc.service.context import Caller
+from runsvc.service.security import SecurityAudit
 from runsvc.tokens import Principal
 
 log = logging.getLogger("runsvc.audit")
@@ -47,6 +61,26 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "FinishRun": _WORKER,
 }
 
+# Each RPC's rate-limit class (runsvc.ratelimit): heartbeats have a budget of their own.
+RPC_RATE_CLASSES: dict[str, str] = {
+    "CreateRun": "write",
+    "GetActive": "read",
+    "GetRun": "read",
+    "ListRuns": "read",
+    "Cancel": "write",
+    "ForceCancel": "write",
+    "ClaimRun": "worker",
+    "Heartbeat": "heartbeat",
+    "AcquireJobs": "worker",
+    "ReportJobs": "worker",
+    "FinishRun": "worker",
+}
+
+# The only thing an unauthenticated caller learns.
+UNAUTHENTICATED_MESSAGE = "authentication required"
+# A client certificate stands for a worker token when its subject has this OU.
+WORKER_CERTIFICATE_UNIT = "worker"
+
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("runsvc_principal")
 
 
@@ -58,6 +92,8 @@ def current_principal() -> Principal:
 def tenant_scope(principal: Principal, requested: str) -> str | None:
     """The tenant a call acts for: the token's; an admin may name one (or none: all)."""
     if principal.role == "admin":
+        if requested and (len(requested) > tokens.MAX_TENANT_LENGTH or not requested.isprintable()):
+            raise InvalidArgument([FieldViolation("tenant_id", "is not a valid tenant id")])
         return requested or None
     if requested and requested != principal.tenant_id:
         raise PermissionDenied("the token may not act for another tenant")
@@ -78,9 +114,118 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
+def certificate_principal(context: grpc.ServicerContext) -> Principal | None:
+    """The worker a verified client certificate names, if it names one.
+
+    gRPC puts the peer's certificate in the auth context only after verifying
+    it against ``RUNSVC_TLS_CLIENT_CA_FILE``. The certificate stands for a
+    worker token when its subject has ``OU=worker``: ``CN`` is the worker's
+    identity and ``O``, when present, its tenant (absent: fleet-wide).
+    """
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    try:
+        subject = x509.load_pem_x509_certificate(pems[0]).subject
+    except ValueError:
+        return None
+
+    def attribute(oid: x509.ObjectIdentifier) -> str | None:
+        values = subject.get_attributes_for_oid(oid)
+        return str(values[0].value) if values else None
+
+    name = attribute(NameOID.COMMON_NAME)
+    if attribute(NameOID.ORGANIZATIONAL_UNIT_NAME) != WORKER_CERTIFICATE_UNIT or not name:
+        return None
+    return Principal(subject=name, role="worker", tenant_id=attribute(NameOID.ORGANIZATION_NAME))
+
+
+def caller_of(principal: Principal) -> Caller:
+    """The use cases' view of the caller; a worker is bound to its identity."""
+    worker = principal.subject if principal.role == "worker" else None
+    return Caller(subject=principal.subject, role=principal.role, worker=worker)
+
+
+def _undecodable(field: str) -> grpc.Status:
+    return to_status(InvalidArgument([FieldViolation(field, "is not a valid message")]))
+
+
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, secret: str) -> None:
-        self._secret = secret
+    def __init__(
+        self,
+        verifier: tokens.Verifier | str,
+        *,
+        audit: SecurityAudit | None = None,
+        limiter: RateLimiter | None = None,
+        max_deadline_seconds: float | None = None,
+    ) -> None:
+        if isinstance(verifier, str):
+            verifier = tokens.Verifier(secret=verifier)
+        self._verifier = verifier
+        self._audit = audit
+        self._limiter = limiter
+        self._max_deadline = max_deadline_seconds
+
+    def _authenticate(
+        self, token: str | None, method: str, context: grpc.ServicerContext
+    ) -> Principal:
+        try:
+            if token is not None:
+                return self._verifier.verify(token)
+            principal = certificate_principal(context)
+            if principal is not None:
+                return principal
+            raise tokens.Unauthenticated()
+        except tokens.Unauthenticated:
+            if self._audit is not None:
+                self._audit.count("TOKEN_REFUSED", tenant_id=None, sample=context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+            raise  # pragma: no cover - abort raises
+
+    def _deny_role(self, principal: Principal, method: str, context: grpc.ServicerContext) -> None:
+        if self._audit is not None:
+            self._audit.denied(
+                action="ROLE_DENIED",
+                caller=caller_of(principal),
+                tenant_id=principal.tenant_id,
+                method=method,
+            )
+        else:
+            log.warning(
+                "role may not call this method",
+                extra={
+                    "audit": {
+                        "tag": "SECURITY",
+                        "method": method,
+                        "caller": principal.subject,
+                        "role": principal.role,
+                        "tenant_id": principal.tenant_id,
+                    }
+                },
+            )
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "the caller may not do this")
+
+    def _throttle(self, principal: Principal, rate_class: str, context: Any) -> None:
+        if self._limiter is None:
+            return
+        key = principal.tenant_id or f"{principal.role}:{principal.subject}"
+        try:
+            self._limiter.take(rate_class, key)
+        except RateLimited as limited:
+            if self._audit is not None:
+                self._audit.count(
+                    f"RATE_LIMITED_{rate_class.upper()}",
+                    tenant_id=principal.tenant_id,
+                    sample=principal.subject,
+                )
+            context.abort_with_status(to_status(limited))
+
+    def _deadline(self, context: grpc.ServicerContext) -> float | None:
+        """When this call's work must be over: the client's deadline, capped."""
+        remaining = context.time_remaining()
+        if self._max_deadline is not None and (remaining is None or remaining > self._max_deadline):
+            remaining = self._max_deadline
+        return None if remaining is None else time.monotonic() + remaining
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -89,40 +234,35 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(details)
         if service in OPEN_SERVICES or handler is None:
             return handler
+        if handler.unary_unary is None:  # every RPC of ours is unary; refuse anything else
+            return None
         allowed = RPC_ROLES.get(method) if service == SERVICE else None
+        rate_class = RPC_RATE_CLASSES.get(method, "read")
         token = _bearer(details.invocation_metadata)
         inner = handler.unary_unary
+        decode = handler.request_deserializer
 
-        def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                if token is None:
-                    raise tokens.Unauthenticated("missing bearer token")
-                principal = tokens.verify(self._secret, token)
-            except tokens.Unauthenticated as refused:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, refused.message)
-                raise  # pragma: no cover - abort raises
+        def behaviour(raw: bytes, context: grpc.ServicerContext) -> Any:
+            principal = self._authenticate(token, details.method, context)
             if allowed is None or principal.role not in allowed:
-                log.warning(
-                    "role may not call this method",
-                    extra={
-                        "audit": {
-                            "tag": "SECURITY",
-                            "method": details.method,
-                            "caller": principal.subject,
-                            "role": principal.role,
-                            "tenant_id": principal.tenant_id,
-                        }
-                    },
-                )
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, "the caller may not do this")
+                self._deny_role(principal, details.method, context)
+            self._throttle(principal, rate_class, context)
+            try:
+                request = decode(raw) if decode is not None else raw
+            except Exception:
+                context.abort_with_status(_undecodable("request"))
+                raise  # pragma: no cover - abort raises
             reset = _principal.set(principal)
+            reset_deadline = deadline.set(self._deadline(context))
             try:
                 return inner(request, context)
             finally:
+                deadline.reset(reset_deadline)
                 _principal.reset(reset)
 
+        # The bytes are decoded in ``behaviour``, after the caller was authenticated.
         return grpc.unary_unary_rpc_method_handler(
             behaviour,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )

@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 import grpc
 
 from runsvc.api import convert
-from runsvc.api.auth import current_principal, required_tenant, tenant_scope
+from runsvc.api.auth import SERVICE, caller_of, current_principal, required_tenant, tenant_scope
 from runsvc.api.status import to_status
-from runsvc.errors import RunsvcError
+from runsvc.errors import PermissionDenied, RunNotVisible, RunsvcError
 from runsvc.service import Caller, RunService
+from runsvc.service.security import SecurityAudit
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 
@@ -33,6 +34,9 @@ def _edge(method: Method[R]) -> Method[R]:
         try:
             return method(self, request, context)
         except RunsvcError as error:
+            if isinstance(error, PermissionDenied) and not isinstance(error, RunNotVisible):
+                # RunNotVisible was audited by the use case, with the run id.
+                self._audit_denial(method.__name__)
             context.abort_with_status(to_status(error))
             raise  # pragma: no cover - abort_with_status raises
         except Exception:
@@ -44,14 +48,24 @@ def _edge(method: Method[R]) -> Method[R]:
 
 
 def _caller() -> Caller:
-    principal = current_principal()
-    return Caller(subject=principal.subject, role=principal.role)
+    return caller_of(current_principal())
 
 
 class RunServiceServicer(pb_grpc.RunServiceServicer):
-    def __init__(self, service: RunService) -> None:
+    def __init__(self, service: RunService, *, audit: SecurityAudit | None = None) -> None:
         self._worker = service.worker
         self._backend = service.backend
+        self._audit = audit
+
+    def _audit_denial(self, method: str) -> None:
+        if self._audit is not None:
+            principal = current_principal()
+            self._audit.denied(
+                action="PERMISSION_DENIED",
+                caller=caller_of(principal),
+                tenant_id=principal.tenant_id,
+                method=f"/{SERVICE}/{method}",
+            )
 
     # --- the web backend and operators ---------------------------------
 

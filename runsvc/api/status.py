@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -28,6 +28,7 @@ STATUS_CODES: dict[type[errors.RunsvcError], grpc.StatusCode] = {
     errors.ActiveRunExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.RunsvcError: grpc.StatusCode.INTERNAL,
 }
 
@@ -38,6 +39,7 @@ REASONS: dict[type[errors.RunsvcError], str] = {
     errors.NoActiveRun: "NO_ACTIVE_RUN",
     errors.ActiveRunExists: "ACTIVE_RUN_EXISTS",
     errors.Unavailable: "UNAVAILABLE",
+    errors.RateLimited: "RATE_LIMITED",
     errors.RunsvcError: "INTERNAL",
 }
 
@@ -67,6 +69,14 @@ def to_status(error: errors.RunsvcError) -> grpc.Status:
     details = [
         _pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
     ]
+    if isinstance(error, errors.RateLimited):
+        metadata = {"rate_class": error.rate_class}
+        details[0] = _pack(
+            error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+        )
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, int(error.retry_after_seconds * 1e9)))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     if isinstance(error, errors.InvalidArgument):
         details.append(
             _pack(

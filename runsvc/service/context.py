@@ -33,6 +33,12 @@ from runsvc.store.engine import Database
 
 T = TypeVar("T")
 
+
+def worker_owns(worker: str, worker_id: str) -> bool:
+    """``worker_id`` is the identity ``worker`` or one of its processes (``worker/…``)."""
+    return worker_id == worker or worker_id.startswith(worker + "/")
+
+
 audit_log = logging.getLogger("runsvc.audit")
 
 RUN_ENDED = "RUN_ENDED"
@@ -60,10 +66,16 @@ class Ended:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asked, for the audit trail."""
+    """Who asked, for the audit trail.
+
+    ``worker`` binds a worker to its identity (its token's subject or its
+    certificate's name): its lease calls act only on runs whose ``worker_id``
+    is that identity or starts with it and a slash. None: not bound.
+    """
 
     subject: str
     role: str
+    worker: str | None = None
 
 
 class Context:
@@ -216,11 +228,26 @@ class Context:
         )
 
     def lease_miss(
-        self, conn: Connection, run_id: str, *, tenant_id: str | None, lease_epoch: int
+        self,
+        conn: Connection,
+        run_id: str,
+        *,
+        tenant_id: str | None,
+        worker: str | None,
+        lease_epoch: int,
     ) -> Exception:
-        """Why a fenced write matched nothing: the run is not visible, or the lease is gone."""
+        """Why a fenced write matched nothing: the run is not visible, or the lease is gone.
+
+        A run held by another worker identity is not visible to this one (it
+        gets the answer of a missing run); a run held by nobody any more (it
+        ended) answers LEASE_LOST, so that its former holder stops.
+        """
         run = run_store.get(conn, run_id, tenant_id=tenant_id)
-        if run is None:
+        if run is None or (
+            worker is not None
+            and run.worker_id is not None
+            and not worker_owns(worker, run.worker_id)
+        ):
             return RunNotVisible(run_id=run_id, tenant_id=tenant_id)
         return LeaseLost(
             metadata={

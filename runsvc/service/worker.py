@@ -22,8 +22,15 @@ from runsvc.domain import (
     StopReason,
     target,
 )
-from runsvc.errors import FailedPrecondition, FieldViolation, InvalidArgument, LeaseLost
-from runsvc.service.context import Caller, Context, Notes
+from runsvc.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    LeaseLost,
+    PermissionDenied,
+    RunNotVisible,
+)
+from runsvc.service.context import Caller, Context, Notes, worker_owns
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
 from runsvc.validation import Checker, Limits, check_results
@@ -85,6 +92,8 @@ class WorkerUseCases:
         check = Checker()
         check.identifier("worker_id", worker_id, max_length=self._limits.max_id_length)
         check.done()
+        if caller.worker is not None and not worker_owns(caller.worker, worker_id):
+            raise PermissionDenied("the caller may not act as this worker")
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Claim | None:
             resumed = run_store.resume_held(conn, tenant_id=tenant_id, worker_id=worker_id, now=now)
@@ -120,11 +129,16 @@ class WorkerUseCases:
 
         def work(conn: Connection, now: datetime, notes: Notes) -> HeartbeatAck:
             row = run_store.touch_lease(
-                conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch, now=now
+                conn,
+                run_id,
+                tenant_id=tenant_id,
+                worker=caller.worker,
+                lease_epoch=lease_epoch,
+                now=now,
             )
             if row is None:
                 raise self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch
+                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
                 )
             return HeartbeatAck(bool(row.cancel_requested), self._ctx.policy.stale_time(now))
 
@@ -145,11 +159,16 @@ class WorkerUseCases:
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Acquired:
             row = run_store.touch_lease(
-                conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch, now=now
+                conn,
+                run_id,
+                tenant_id=tenant_id,
+                worker=caller.worker,
+                lease_epoch=lease_epoch,
+                now=now,
             )
             if row is None:
                 raise self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch
+                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
                 )
             if row.cancel_requested:
                 # A run being cancelled starts nothing new.
@@ -182,15 +201,22 @@ class WorkerUseCases:
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Reported:
             row = run_store.touch_lease(
-                conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch, now=now
+                conn,
+                run_id,
+                tenant_id=tenant_id,
+                worker=caller.worker,
+                lease_epoch=lease_epoch,
+                now=now,
             )
             late = row is None
             if row is None:
+                miss = self._ctx.lease_miss(
+                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
+                )
+                if isinstance(miss, RunNotVisible):
+                    raise miss  # missing, another tenant's, or held by another worker
                 run = run_store.get(conn, run_id, tenant_id=tenant_id)
-                if run is None:
-                    raise self._ctx.lease_miss(
-                        conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch
-                    )
+                assert run is not None
                 run_tenant = run.tenant_id
             else:
                 run_tenant = row.tenant_id
@@ -273,6 +299,7 @@ class WorkerUseCases:
                 now=now,
                 guard=run_store.Guard(
                     lease_epoch=lease_epoch,
+                    worker=caller.worker,
                     nothing_unfinished=outcome is RunOutcome.COMPLETED,
                 ),
                 tag="RUN_ENDED",
@@ -280,11 +307,14 @@ class WorkerUseCases:
                 detected_by="worker",
                 error=error or None,
             )
-            run = run_store.get(conn, run_id, tenant_id=tenant_id)
-            if run is None:
-                raise self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch
+            if ended is None:
+                miss = self._ctx.lease_miss(
+                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
                 )
+                if isinstance(miss, RunNotVisible):
+                    raise miss  # missing, another tenant's, or held by another worker
+            run = run_store.get(conn, run_id, tenant_id=tenant_id)
+            assert run is not None
             if ended is not None:
                 return run
             # A retried FinishRun whose first answer was lost: the run already
@@ -301,6 +331,8 @@ class WorkerUseCases:
                         "in_progress": str(run.job_counts.in_progress),
                     }
                 )
-            raise self._ctx.lease_miss(conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch)
+            raise self._ctx.lease_miss(
+                conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
+            )
 
         return self._ctx.transact(work, caller=caller)

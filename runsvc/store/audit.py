@@ -42,3 +42,16 @@ def for_run(conn: Connection, run_id: str, *, tenant_id: str | None) -> list[dic
         query = query.where(audit_events.c.tenant_id == tenant_id)
     rows = conn.execute(query.order_by(audit_events.c.id))
     return [{**row._asdict(), "detail": json.loads(row.detail)} for row in rows]
+
+
+def recent(
+    conn: Connection, *, tenant_id: str | None, run_id: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """The newest audit rows, oldest first, for a tenant, a run, or (both None) everyone."""
+    query = select(audit_events)
+    if tenant_id is not None:
+        query = query.where(audit_events.c.tenant_id == tenant_id)
+    if run_id is not None:
+        query = query.where(audit_events.c.run_id == run_id)
+    rows = conn.execute(query.order_by(audit_events.c.id.desc()).limit(limit)).all()
+    return [{**row._asdict(), "detail": json.loads(row.detail)} for row in reversed(rows)]

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
+from runsvc import deadline
 from runsvc.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ class Database:
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
         with self.engine.begin() as conn:
+            left = deadline.remaining()
+            if left is not None and is_postgres(conn):
+                # No statement of this call may outlive its (capped) deadline.
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
             yield conn
 
     def run(self, work: Callable[[Connection], T]) -> T:

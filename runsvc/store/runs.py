@@ -56,6 +56,20 @@ def _scoped(tenant_id: str | None) -> ColumnElement[bool]:
     return runs.c.tenant_id == tenant_id if tenant_id is not None else literal(True)
 
 
+def _held_by(worker: str | None) -> ColumnElement[bool]:
+    """The run's lease is held by ``worker`` or one of its processes (``worker/…``).
+
+    None means any holder: callers that are not bound to a worker identity.
+    """
+    if worker is None:
+        return literal(True)
+    prefix = worker + "/"
+    return or_(
+        runs.c.worker_id == worker,
+        func.substr(runs.c.worker_id, 1, len(prefix)) == prefix,
+    )
+
+
 def _state_in(states: Iterable[RunState]) -> ColumnElement[bool]:
     return runs.c.state.in_(sorted(s.value for s in states))
 
@@ -243,7 +257,13 @@ def resume_held(
 
 
 def touch_lease(
-    conn: Connection, run_id: str, *, tenant_id: str | None, lease_epoch: int, now: datetime
+    conn: Connection,
+    run_id: str,
+    *,
+    tenant_id: str | None,
+    worker: str | None,
+    lease_epoch: int,
+    now: datetime,
 ) -> Row[Any] | None:
     """Record a sign of life from the current lease holder; None if the lease is not current.
 
@@ -255,6 +275,7 @@ def touch_lease(
         .where(
             runs.c.id == run_id,
             _scoped(tenant_id),
+            _held_by(worker),
             runs.c.lease_epoch == lease_epoch,
             runs.c.state == RunState.RUNNING.value,
         )
@@ -290,6 +311,7 @@ class Guard:
     """Extra conditions a finalizing statement checks besides the state."""
 
     lease_epoch: int | None = None
+    worker: str | None = None  # the lease must be held by this worker identity
     silent_since: datetime | None = None  # last sign of life must be older than this
     cancel_requested: bool | None = None
     cancel_requested_before: datetime | None = None
@@ -316,6 +338,8 @@ def finalize(
     conditions = [runs.c.id == run_id, _scoped(tenant_id), _state_in(sources(event))]
     if guard.lease_epoch is not None:
         conditions.append(runs.c.lease_epoch == guard.lease_epoch)
+    if guard.worker is not None:
+        conditions.append(_held_by(guard.worker))
     if guard.silent_since is not None:
         conditions.append(last_sign_of_life < guard.silent_since)
     if guard.cancel_requested is not None:

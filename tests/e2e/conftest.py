@@ -49,8 +49,12 @@ def stub(channel: grpc.Channel) -> pb_grpc.RunServiceStub:
     return pb_grpc.RunServiceStub(channel)
 
 
-def token(role: str, tenant: str | None = None, ttl: int = 600) -> list[tuple[str, str]]:
-    issued = tokens.issue(SECRET, role=role, tenant_id=tenant, ttl_seconds=ttl)
+def token(
+    role: str, tenant: str | None = None, ttl: int = 600, subject: str | None = None
+) -> list[tuple[str, str]]:
+    """Metadata with an HS256 token; a worker's ``worker_id`` must be its subject (or start
+    with the subject and a slash)."""
+    issued = tokens.issue(SECRET, role=role, tenant_id=tenant, ttl_seconds=ttl, subject=subject)
     return [("authorization", f"Bearer {issued}")]
 
 

@@ -15,7 +15,7 @@ from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 from tests.e2e.conftest import REAP_INTERVAL, STALE_AFTER, expired_token, token, wait_for
 
 BACKEND = token("backend", "t1")
-WORKER = token("worker", "t1")
+WORKER = token("worker", "t1", subject="w1")
 OTHER_BACKEND = token("backend", "t2")
 
 
@@ -183,11 +183,14 @@ def test_other_tenants_cannot_tell_a_foreign_run_from_a_missing_one(
         assert answers[0][0] is grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.RpcError) as foreign_claim:
         stub.Heartbeat(
-            pb.HeartbeatRequest(run_id=run.id, lease_epoch=1), metadata=token("worker", "t2")
+            pb.HeartbeatRequest(run_id=run.id, lease_epoch=1),
+            metadata=token("worker", "t2", subject="w1"),
         )
     assert foreign_claim.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert (
-        stub.ClaimRun(pb.ClaimRunRequest(worker_id="w2"), metadata=token("worker", "t2"))
+        stub.ClaimRun(
+            pb.ClaimRunRequest(worker_id="w2"), metadata=token("worker", "t2", subject="w2")
+        )
         == pb.ClaimRunResponse()
     )
     still = stub.GetRun(pb.GetRunRequest(run_id=run.id), metadata=BACKEND).run

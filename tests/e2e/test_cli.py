@@ -95,8 +95,9 @@ class ServerProcess:
         assert done.returncode == 0, f"runsvc {' '.join(args)} failed: {done.stderr}"
         return json.loads(done.stdout)
 
-    def token(self, role: str, tenant: str | None = None) -> str:
+    def token(self, role: str, tenant: str | None = None, subject: str | None = None) -> str:
         args = ["token", "--role", role] + (["--tenant", tenant] if tenant else [])
+        args += ["--subject", subject] if subject else []
         done = self.cli(*args)
         assert done.returncode == 0, done.stderr
         token = done.stdout.strip()
@@ -331,7 +332,7 @@ def test_the_token_from_runsvc_token_is_used(cli_server: ServerProcess) -> None:
 
 def test_a_silent_worker_loses_its_run(cli_server: ServerProcess) -> None:
     backend = cli_server.token("backend", "t6")
-    worker = cli_server.token("worker", "t6")
+    worker = cli_server.token("worker", "t6", subject="w-silent")
     run = create_run(cli_server, backend, "cli-stale-1")
     with cli_server.channel() as channel:
         stub = pb_grpc.RunServiceStub(channel)
@@ -374,3 +375,20 @@ def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
     assert "stopping" in messages
     assert "stopped" in messages
     assert messages.index("stopping") < messages.index("stopped")
+
+
+def test_audit_list_shows_refusals_for_a_run_and_a_tenant(cli_server: ServerProcess) -> None:
+    run = create_run(cli_server, cli_server.token("backend", "t7"), "cli-audit-1")
+    intruder = cli_server.token("backend", "t8", subject="intruder")
+    assert cli_server.cli("runs", "get", run.id, "--token", intruder).returncode != 0
+    assert cli_server.cli("force-cancel", run.id, "--reason", "ops").returncode == 0
+    done = cli_server.cli("audit", "list", "--run", run.id)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["tag"], r["action"]) for r in rows] == [
+        ("SECURITY", "RUN_NOT_VISIBLE"),
+        ("FORCE_CANCEL", "RUN_ENDED"),
+    ]
+    assert rows[0]["actor"] == "intruder" and rows[0]["tenant_id"] == "t8"
+    by_tenant = cli_server.cli("audit", "list", "--tenant", "t8")
+    assert [json.loads(line)["run_id"] for line in by_tenant.stdout.splitlines()] == [run.id]

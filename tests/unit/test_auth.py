@@ -10,8 +10,9 @@ import jwt
 import pytest
 
 from runsvc import tokens
-from runsvc.api.auth import RPC_ROLES, SERVICE, required_tenant, tenant_scope
+from runsvc.api.auth import RPC_RATE_CLASSES, RPC_ROLES, SERVICE, required_tenant, tenant_scope
 from runsvc.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from runsvc.ratelimit import DEFAULT_LIMITS
 from runsvc.tokens import Principal
 from runsvc_client.v1 import run_service_pb2 as pb
 
@@ -49,6 +50,19 @@ def test_every_rpc_has_an_entry() -> None:
 def test_every_entry_names_a_real_rpc() -> None:
     unknown = set(RPC_ROLES) - METHODS
     assert not unknown, f"RPC_ROLES entries for no RPC: {sorted(unknown)}"
+
+
+def test_every_rpc_has_a_rate_class() -> None:
+    assert set(RPC_RATE_CLASSES) == METHODS
+    assert set(RPC_RATE_CLASSES.values()) <= set(DEFAULT_LIMITS)
+    # Heartbeats alone draw from their own budget: no flood can make a run go stale.
+    assert [m for m, c in RPC_RATE_CLASSES.items() if c == "heartbeat"] == ["Heartbeat"]
+
+
+def test_an_admin_cannot_name_a_malformed_tenant() -> None:
+    for bad in ("t" * 129, "t\n1"):
+        with pytest.raises(InvalidArgument):
+            tenant_scope(ADMIN, bad)
 
 
 @pytest.mark.parametrize("method", sorted(RPC_ROLES))

@@ -205,3 +205,52 @@ def test_a_short_secret_is_refused_without_echoing_it() -> None:
         settings.load({"RUNSVC_JWT_SECRET": "tiny-secret"})
     assert "RUNSVC_JWT_SECRET=(hidden)" in str(refused.value)
     assert "tiny-secret" not in str(refused.value)
+
+
+# --- security settings ------------------------------------------------------------------
+
+
+def test_security_defaults_keep_hs256_alone() -> None:
+    loaded = settings.load({})
+    assert loaded.jwt_algorithms == ("HS256",)
+    assert loaded.grpc_max_message_bytes < 4 * 1024 * 1024
+    assert loaded.rate_limits == {}
+
+
+def test_algorithms_and_keys(tmp_path: Path) -> None:
+    pem = tmp_path / "keys.pem"
+    pem.write_text("x")
+    loaded = settings.load(
+        {"RUNSVC_JWT_ALGORITHMS": "es256, HS256", "RUNSVC_JWT_PUBLIC_KEY_FILE": str(pem)}
+    )
+    assert loaded.jwt_algorithms == ("ES256", "HS256")
+    for bad in ("none", "HS512", ""):
+        if bad:
+            with pytest.raises(settings.SettingsError, match="RUNSVC_JWT_ALGORITHMS"):
+                settings.load({"RUNSVC_JWT_ALGORITHMS": bad})
+    with pytest.raises(settings.SettingsError, match="needs RUNSVC_JWT_PUBLIC_KEY_FILE"):
+        settings.load({"RUNSVC_JWT_ALGORITHMS": "RS256"})
+    with pytest.raises(settings.SettingsError, match="no such file"):
+        settings.load({"RUNSVC_JWT_JWKS_FILE": str(tmp_path / "missing.json")})
+
+
+def test_rate_limits() -> None:
+    loaded = settings.load({"RUNSVC_RATE_LIMITS": "read=5:10, heartbeat=2"})
+    assert loaded.rate_limits == {"read": (5.0, 10.0), "heartbeat": (2.0, 2.0)}
+    for bad in ("reads=5", "read=0:1", "read=5:0", "read=nan", "read"):
+        with pytest.raises(settings.SettingsError, match="RUNSVC_RATE_LIMITS"):
+            settings.load({"RUNSVC_RATE_LIMITS": bad})
+
+
+def test_tls_files_go_together(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(settings.SettingsError, match="go together"):
+        settings.load({"RUNSVC_TLS_CERT_FILE": str(cert)})
+    with pytest.raises(settings.SettingsError, match="needs RUNSVC_TLS_CERT_FILE"):
+        settings.load({"RUNSVC_TLS_CLIENT_CA_FILE": str(cert)})
+
+
+def test_message_size_stays_under_grpc_default() -> None:
+    with pytest.raises(settings.SettingsError, match="RUNSVC_GRPC_MAX_MESSAGE_BYTES"):
+        settings.load({"RUNSVC_GRPC_MAX_MESSAGE_BYTES": str(8 * 1024 * 1024)})

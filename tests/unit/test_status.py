@@ -51,6 +51,8 @@ def make(cls: type[errors.RunsvcError]) -> errors.RunsvcError:
         return cls(run_id="run-1", tenant_id="t1")  # type: ignore[call-arg]
     if issubclass(cls, errors.ActiveRunExists):
         return cls("run-1")  # type: ignore[call-arg]
+    if issubclass(cls, errors.RateLimited):
+        return cls(retry_after_seconds=0.25, rate_class="read")  # type: ignore[call-arg]
     return cls()
 
 
@@ -93,6 +95,7 @@ EXPECTED_CODES: dict[type[errors.RunsvcError], grpc.StatusCode] = {
     errors.LeaseLost: grpc.StatusCode.FAILED_PRECONDITION,
     errors.InvalidTransition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     JobsUnfinished: grpc.StatusCode.FAILED_PRECONDITION,
     JobNotHeld: grpc.StatusCode.FAILED_PRECONDITION,
 }
@@ -200,3 +203,15 @@ def test_run_not_visible_does_not_reveal_the_run() -> None:
         blob = dict(status.trailing_metadata)[DETAILS_KEY]
         assert b"run-aaa" not in blob and b"run-bbb" not in blob
         assert "run-" not in status.details
+
+
+def test_rate_limited_carries_retry_info() -> None:
+    status = to_status(errors.RateLimited(retry_after_seconds=1.5, rate_class="read"))
+    assert status.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(status)
+    assert (info.reason, dict(info.metadata)) == ("RATE_LIMITED", {"rate_class": "read"})
+    retry = [d for d in decode(status).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    assert len(retry) == 1
+    unpacked = error_details_pb2.RetryInfo()
+    retry[0].Unpack(unpacked)
+    assert unpacked.retry_delay.ToNanoseconds() == 1_500_000_000

@@ -1,0 +1,29 @@
+"""The current call's deadline (a ``time.monotonic()`` instant), capped by the server.
+
+Set by the gRPC edge for the duration of one call; the store bounds every
+PostgreSQL statement by the time left (``statement_timeout``), so that no
+request, however slow its query, holds a server thread past its deadline.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "runsvc_deadline", default=None
+)
+
+
+def set(instant: float | None) -> contextvars.Token[float | None]:
+    return _deadline.set(instant)
+
+
+def reset(token: contextvars.Token[float | None]) -> None:
+    _deadline.reset(token)
+
+
+def remaining() -> float | None:
+    """Seconds left for the current call, None outside of one or without a deadline."""
+    instant = _deadline.get()
+    return None if instant is None else instant - time.monotonic()
