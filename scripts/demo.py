@@ -65,7 +65,9 @@ def wait_until(check: object, *, timeout: float, step: float = 0.5) -> None:
 
 
 def start_dialer(address: str, secret: str, worker_id: str) -> subprocess.Popen[bytes]:
-    token = tokens.issue(secret, role="worker", tenant_id=TENANT, ttl_seconds=3600)
+    token = tokens.issue(
+        secret, role="worker", tenant_id=TENANT, ttl_seconds=3600, subject=worker_id
+    )
     flags = ["--worker-id", worker_id, "--rate", "8", "--seed", "1", "--progress-every", "10"]
     return subprocess.Popen(
         [sys.executable, str(DIALER), "--address", address, "--token", token, *flags]

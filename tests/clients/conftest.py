@@ -19,8 +19,9 @@ SECRET = "client-tests-secret-long-enough-for-hs256"
 REAP_INTERVAL = 0.5
 
 
-def token(role: str, tenant: str | None = "t1") -> str:
-    return tokens.issue(SECRET, role=role, tenant_id=tenant, ttl_seconds=600)
+def token(role: str, tenant: str | None = "t1", *, subject: str | None = None) -> str:
+    """An HS256 token; a worker's ``worker_id`` must be its subject (or start with it and '/')."""
+    return tokens.issue(SECRET, role=role, tenant_id=tenant, ttl_seconds=600, subject=subject)
 
 
 @contextmanager

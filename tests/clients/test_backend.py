@@ -55,7 +55,9 @@ def test_force_cancel_counts_jobs_and_hides_other_tenants(
     backend: BackendClient, server: Server
 ) -> None:
     run = backend.create_run(specs(4), request_id="req-1")
-    with WorkerClient(address(server), token=token("worker"), worker_id="w1") as worker:
+    with WorkerClient(
+        address(server), token=token("worker", subject="w1"), worker_id="w1"
+    ) as worker:
         lease = worker.claim()
         assert lease is not None and lease.run_id == run.id
     with BackendClient(address(server), token=token("backend", "t2")) as other:

@@ -86,7 +86,9 @@ def test_force_cancel_counts_and_refuses_other_businesses(
 ) -> None:
     backend = BackendClient(address(server), token=token("backend", "t1"))
     run = backend.create_run([JobSpec(f"c{i}") for i in range(5)], request_id="r1")
-    with WorkerClient(address(server), token=token("worker", "t1"), worker_id="w") as worker:
+    with WorkerClient(
+        address(server), token=token("worker", "t1", subject="w"), worker_id="w"
+    ) as worker:
         assert worker.claim() is not None  # running, and its worker never heartbeats
     with caplog.at_level("WARNING", logger="runsvc_client.flask"):
         status, body = request(f"{web}/jobs/{run.id}/force-cancel", business="t2", method="POST")

@@ -57,7 +57,7 @@ def proxy(server: Server) -> Iterator[TcpProxy]:
 
 @pytest.fixture
 def worker(proxy: TcpProxy) -> Iterator[WorkerClient]:
-    with WorkerClient(proxy.address, token=token("worker"), worker_id="w1") as client:
+    with WorkerClient(proxy.address, token=token("worker", subject="w1"), worker_id="w1") as client:
         yield client
 
 
@@ -159,7 +159,7 @@ def test_a_three_second_blip_does_not_lose_the_run(sqlite_url: str, tmp_path: Pa
         running_server(sqlite_url, tmp_path, stale_after=12.0) as server,
         TcpProxy(upstream=("127.0.0.1", server.port)) as proxy,
         BackendClient(address(server), token=token("backend")) as backend,
-        WorkerClient(proxy.address, token=token("worker"), worker_id="w1") as worker,
+        WorkerClient(proxy.address, token=token("worker", subject="w1"), worker_id="w1") as worker,
     ):
         run = backend.create_run(specs(20), request_id="r")
         done = 0

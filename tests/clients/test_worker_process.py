@@ -37,7 +37,7 @@ def start_dialer(server: Server, log: Path, *args: str) -> subprocess.Popen[byte
                 "--address",
                 address(server),
                 "--token",
-                token("worker"),
+                token("worker", subject="dialer-1"),
                 "--worker-id",
                 "dialer-1",
                 "--rate",
