@@ -40,6 +40,9 @@ class Settings:
     grpc_max_workers: int = 32
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # None: no exporter (RUNSVC_METRICS_ADDRESS=off, or set to nothing).
+    metrics_address: str | None = "127.0.0.1:9464"
+    metrics_tenant_series: int = 0
 
     @property
     def effective_database_url(self) -> str:
@@ -109,6 +112,22 @@ def _log_level(raw: str) -> str:
     return level
 
 
+def _metrics_address(raw: str) -> str | None:
+    if raw.strip().lower() in {"", "off"}:
+        return None
+    return _address(raw)
+
+
+MAX_TENANT_SERIES = 1000
+
+
+def _tenant_series(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= MAX_TENANT_SERIES:
+        raise ValueError(f"must be a whole number from 0 (off) to {MAX_TENANT_SERIES}")
+    return value
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_DATA_DIR": ("data_dir", Path),
     "RUNSVC_DATABASE_URL": ("database_url", str),
@@ -123,7 +142,12 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_GRPC_MAX_WORKERS": ("grpc_max_workers", _positive_int),
     "RUNSVC_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
     "RUNSVC_LOG_LEVEL": ("log_level", _log_level),
+    "RUNSVC_METRICS_ADDRESS": ("metrics_address", _metrics_address),
+    "RUNSVC_METRICS_TENANT_SERIES": ("metrics_tenant_series", _tenant_series),
 }
+
+# Variables whose empty value means something (off) rather than "the default".
+_EMPTY_IS_A_VALUE = frozenset({"RUNSVC_METRICS_ADDRESS"})
 
 
 _SECRETS = frozenset({"RUNSVC_JWT_SECRET"})
@@ -136,7 +160,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     problems: list[str] = []
     for name, (attribute, parse) in _PARSERS.items():
         raw = env.get(name)
-        if raw is None or raw == "":
+        if raw is None or (raw == "" and name not in _EMPTY_IS_A_VALUE):
             continue
         try:
             values[attribute] = parse(raw)

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from runsvc import tokens
+from runsvc import logs, tokens
 from runsvc.errors import FieldViolation, InvalidArgument, PermissionDenied
 from runsvc.tokens import Principal
 
@@ -78,9 +78,16 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
+def _ignore(_kind: str) -> None:
+    pass
+
+
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, secret: str) -> None:
+    """Verifies the caller; ``on_denied("unauthenticated" | "role")`` hears of each refusal."""
+
+    def __init__(self, secret: str, *, on_denied: Callable[[str], None] = _ignore) -> None:
         self._secret = secret
+        self._on_denied = on_denied
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -99,8 +106,13 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     raise tokens.Unauthenticated("missing bearer token")
                 principal = tokens.verify(self._secret, token)
             except tokens.Unauthenticated as refused:
+                self._on_denied("unauthenticated")
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, refused.message)
                 raise  # pragma: no cover - abort raises
+            with logs.bound(tenant=principal.tenant_id):
+                return authorized(principal, request, context)
+
+        def authorized(principal: Principal, request: Any, context: grpc.ServicerContext) -> Any:
             if allowed is None or principal.role not in allowed:
                 log.warning(
                     "role may not call this method",
@@ -114,6 +126,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                         }
                     },
                 )
+                self._on_denied("role")
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "the caller may not do this")
             reset = _principal.set(principal)
             try:
