@@ -59,8 +59,12 @@ class StoreCollector(Collector):
         started = time.monotonic()
         try:
             by_state, live, per_tenant, now_ts = self._db.run(self._read)
-        except RunsvcError as error:
-            log.warning("metrics could not read the store", extra={"error": str(error)})
+        except Exception as error:
+            # A scrape must still answer (process and gRPC metrics, and this 0).
+            if isinstance(error, RunsvcError):
+                log.warning("metrics could not read the store", extra={"error": str(error)})
+            else:
+                log.exception("metrics could not read the store")
             yield _gauge("runsvc_store_up", "1 if the last scrape could read the store.", 0)
             return
         yield _gauge("runsvc_store_up", "1 if the last scrape could read the store.", 1)
