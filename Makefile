@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 PY_SOURCES += $(wildcard bench)
 
-.PHONY: bench help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean demo
+.PHONY: bench help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,6 +58,7 @@ services: ## Make sure PostgreSQL and Redis are reachable for the tests
 
 test: $(INSTALL_STAMP) $(NODE_STAMP) ## Services, proto-check, lint, then pytest (PYTEST_ARGS=...)
 	@bash scripts/services.sh
+	@bash scripts/monitoring-tools.sh
 	$(VENV_PY) tools/gen_proto.py --check
 	$(MAKE) --no-print-directory lint
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
@@ -79,3 +80,10 @@ clean: ## Remove the venv, node_modules and caches
 	rm -rf $(VENV) node_modules build dist .pytest_cache .ruff_cache .mypy_cache
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
 	find . -name '*.egg-info' -type d -prune -not -path './.git/*' -exec rm -rf {} +
+
+monitoring-tools: ## Install promtool and amtool (Debian packages) if missing
+	@bash scripts/monitoring-tools.sh
+
+bench-metrics: $(INSTALL_STAMP) ## Scrape /metrics with 100,000 runs in a fresh PostgreSQL database
+	@bash scripts/services.sh
+	$(VENV_PY) tools/bench_metrics.py $(BENCH_ARGS)

@@ -57,11 +57,21 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
     return False
 
 
+# Tables runsvc shares a database with but does not own: the monolith's, which
+# `runsvc migrate --adopt-seed` reads and never changes.
+FOREIGN_TABLES = frozenset({"outbound_call_runs", "outbound_call_jobs"})
+
+
+def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+    return not (type_ == "table" and name in FOREIGN_TABLES)
+
+
 def configure_options(dialect_name: str) -> dict[str, Any]:
     return {
         "target_metadata": target_metadata,
         "compare_type": compare_type,
         "render_item": render_item,
+        "include_name": include_name,
         "render_as_batch": dialect_name == "sqlite",
     }
 

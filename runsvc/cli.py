@@ -45,9 +45,32 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from runsvc.store import migrate
 
     settings = _settings()
-    migrate.upgrade(settings.effective_database_url, revision=args.revision, sql=args.sql)
-    if not args.sql:
-        print(f"database at revision {migrate.current(settings.effective_database_url)}")
+    url = settings.effective_database_url
+    if args.check:
+        # Reports only: the revisions to apply and what adoption would copy.
+        plan = migrate.adopt_seed(url, apply=False)
+        report = {
+            "revision": migrate.current(url),
+            "head": migrate.head(),
+            "pending_revisions": migrate.pending(url),
+            "seed_adoption": plan.as_dict(),
+        }
+        print(json.dumps(report, indent=2))
+        return 0
+    migrate.upgrade(url, revision=args.revision, sql=args.sql)
+    if args.sql:
+        return 0
+    print(f"database at revision {migrate.current(url)}")
+    if args.adopt_seed:
+        print(
+            json.dumps({"seed_adoption": migrate.adopt_seed(url, apply=True).as_dict()}, indent=2)
+        )
+    elif migrate.adopt_seed(url, apply=False).runs_copied:
+        print(
+            "runsvc: the monolith's outbound_call_runs/outbound_call_jobs hold runs not adopted "
+            "yet; `runsvc migrate --check` shows them, `runsvc migrate --adopt-seed` copies them",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -230,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = _command(sub, "migrate", cmd_migrate, "apply the database migrations")
     migrate.add_argument("--sql", action="store_true", help="print the SQL instead")
     migrate.add_argument("--revision", default="head")
+    migrate.add_argument(
+        "--adopt-seed",
+        action="store_true",
+        help="then copy the monolith's outbound_call_runs/outbound_call_jobs (idempotent)",
+    )
+    migrate.add_argument(
+        "--check", action="store_true", help="report what would be done, change nothing"
+    )
     reap = _command(sub, "reap", cmd_reap, "finalize runs whose worker went silent")
     reap.add_argument("--once", action="store_true", required=True, help="one pass, then exit")
     reap.add_argument("--startup", action="store_true", help="apply the startup cleanup rules")

@@ -1,14 +1,44 @@
-"""One JSON object per log line. Audit events carry their tag at the top level."""
+"""One JSON object per log line. Audit events carry their tag at the top level.
+
+Every line logged while a gRPC call is served also carries the call's
+``request_id``, ``rpc`` and, once the caller is known, its ``tenant``: the
+interceptors bind them in context variables (:func:`bound`), which are per
+thread of the server's pool and reset when the call ends.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
+CALL_FIELDS = ("request_id", "rpc", "tenant")
+_call: dict[str, contextvars.ContextVar[str | None]] = {
+    name: contextvars.ContextVar(f"runsvc_log_{name}", default=None) for name in CALL_FIELDS
+}
+
+
+@contextmanager
+def bound(**fields: str | None) -> Iterator[None]:
+    """Add ``fields`` (some of :data:`CALL_FIELDS`) to every line logged inside the block."""
+    tokens = [(_call[name], _call[name].set(value)) for name, value in fields.items()]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+def call_fields() -> dict[str, str]:
+    """The fields bound for the call being served on this thread."""
+    return {name: value for name, var in _call.items() if (value := var.get()) is not None}
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,6 +48,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            **call_fields(),
         }
         for key, value in record.__dict__.items():
             if key == "audit" and isinstance(value, dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,6 +48,7 @@ class Reaper:
 
     def pass_once(self, *, detected_by: str = "reaper") -> ReapReport:
         """End stale runs and runs whose cancel request was never acknowledged."""
+        started = time.monotonic()
         report = ReapReport()
         policy = self._ctx.policy
         self._sweep(
@@ -59,6 +61,8 @@ class Reaper:
             detected_by,
         )
         self._end_unacknowledged_cancels(report, detected_by)
+        # Only a pass that got this far counts: operators alert on its absence.
+        self._ctx.observer.reaper_passed(duration_seconds=time.monotonic() - started)
         return report
 
     def startup_pass(self) -> ReapReport:

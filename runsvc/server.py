@@ -17,9 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from runsvc import tokens
-from runsvc.api.auth import SERVICE, AuthInterceptor
+from runsvc.api.auth import RPC_ROLES, SERVICE, AuthInterceptor
+from runsvc.api.request_context import RequestContextInterceptor
 from runsvc.api.servicer import RunServiceServicer
 from runsvc.clock import Clock
+from runsvc.metrics.exporter import Exporter
+from runsvc.metrics.wiring import Metrics, build_metrics
 from runsvc.ratelimit import RateLimiter
 from runsvc.reaper import Reaper
 from runsvc.service import RunService
@@ -79,17 +82,31 @@ class Components:
     db: Database
     service: RunService
     reaper: Reaper
+    metrics: Metrics | None = None
 
 
 def build(settings: Settings, *, clock: Clock | None = None) -> Components:
     db = Database(make_engine(settings.effective_database_url, pool_size=settings.grpc_max_workers))
+    clock = clock or DatabaseClock()
+    metrics = build_metrics(
+        db=db,
+        clock=clock,
+        policy=settings.liveness(),
+        reap_interval_seconds=settings.reap_interval_seconds,
+        tenant_series_limit=settings.metrics_tenant_series,
+    )
     service = RunService(
         db=db,
-        clock=clock or DatabaseClock(),
+        clock=clock,
         slots=StoreSlots(settings.slot_limits()),
         policy=settings.liveness(),
+        observer=metrics.observer,
     )
-    return Components(settings, db, service, Reaper(service.context))
+    return Components(settings, db, service, Reaper(service.context), metrics)
+
+
+def _ignore_denial(_kind: str) -> None:
+    pass
 
 
 class Server:
@@ -101,17 +118,26 @@ class Server:
         self.audit = SecurityAudit(
             components.service.context, window_seconds=settings.audit_aggregate_seconds
         )
-        interceptor = AuthInterceptor(
+        metrics = components.metrics
+        auth = AuthInterceptor(
             token_verifier(settings, secret),
             audit=self.audit,
             limiter=RateLimiter(settings.rate_limits),
             max_deadline_seconds=settings.grpc_max_deadline_seconds,
+            on_denied=metrics.observer.denied if metrics is not None else _ignore_denial,
         )
+        # Outermost first: the request id is bound before anything logs, and
+        # the metrics see the codes that authentication answers.
+        interceptors: list[grpc.ServerInterceptor] = [RequestContextInterceptor()]
+        if metrics is not None:
+            metrics.grpc.preregister(SERVICE, RPC_ROLES)
+            interceptors.append(metrics.grpc)
+        interceptors.append(auth)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.grpc_max_workers, thread_name_prefix="rpc"
             ),
-            interceptors=[interceptor],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
@@ -138,6 +164,11 @@ class Server:
             self.port = self._grpc.add_secure_port(settings.grpc_address, credentials)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.grpc_address}")
+        self.exporter = (
+            Exporter(metrics.registry, settings.metrics_address)
+            if metrics is not None and settings.metrics_address
+            else None
+        )
         self._stop_reaper = threading.Event()
         self._reaper_thread = threading.Thread(
             target=components.reaper.run_forever,
@@ -150,6 +181,9 @@ class Server:
     def start(self) -> None:
         report = self.components.reaper.startup_pass()
         log.info("startup cleanup done", extra={"ended": report.ended})
+        if self.exporter is not None:
+            self.exporter.start()
+            log.info("serving metrics", extra={"metrics_port": self.exporter.port})
         self._grpc.start()
         self._reaper_thread.start()
         for name in ("", SERVICE):
@@ -166,6 +200,8 @@ class Server:
         self.audit.flush()
         if self._reaper_thread.is_alive():
             self._reaper_thread.join(timeout=grace + 5)
+        if self.exporter is not None:
+            self.exporter.stop()
         self.components.db.dispose()
         log.info("stopped")
 

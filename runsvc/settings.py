@@ -57,6 +57,9 @@ class Settings:
     grpc_max_deadline_seconds: float = 30.0
     rate_limits: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     audit_aggregate_seconds: float = 60.0
+    # None: no exporter (RUNSVC_METRICS_ADDRESS=off, or set to nothing).
+    metrics_address: str | None = "127.0.0.1:9464"
+    metrics_tenant_series: int = 0
 
     @property
     def effective_database_url(self) -> str:
@@ -178,6 +181,22 @@ def _rate_limits(raw: str) -> dict[str, tuple[float, float]]:
     return result
 
 
+def _metrics_address(raw: str) -> str | None:
+    if raw.strip().lower() in {"", "off"}:
+        return None
+    return _address(raw)
+
+
+MAX_TENANT_SERIES = 1000
+
+
+def _tenant_series(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= MAX_TENANT_SERIES:
+        raise ValueError(f"must be a whole number from 0 (off) to {MAX_TENANT_SERIES}")
+    return value
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_DATA_DIR": ("data_dir", Path),
     "RUNSVC_DATABASE_URL": ("database_url", str),
@@ -211,7 +230,12 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_GRPC_MAX_DEADLINE_SECONDS": ("grpc_max_deadline_seconds", _positive_float),
     "RUNSVC_RATE_LIMITS": ("rate_limits", _rate_limits),
     "RUNSVC_AUDIT_AGGREGATE_SECONDS": ("audit_aggregate_seconds", _positive_float),
+    "RUNSVC_METRICS_ADDRESS": ("metrics_address", _metrics_address),
+    "RUNSVC_METRICS_TENANT_SERIES": ("metrics_tenant_series", _tenant_series),
 }
+
+# Variables whose empty value means something (off) rather than "the default".
+_EMPTY_IS_A_VALUE = frozenset({"RUNSVC_METRICS_ADDRESS"})
 
 
 _SECRETS = frozenset({"RUNSVC_JWT_SECRET"})
@@ -224,7 +248,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     problems: list[str] = []
     for name, (attribute, parse) in _PARSERS.items():
         raw = env.get(name)
-        if raw is None or raw == "":
+        if raw is None or (raw == "" and name not in _EMPTY_IS_A_VALUE):
             continue
         try:
             values[attribute] = parse(raw)

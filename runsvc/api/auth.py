@@ -25,7 +25,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from runsvc import deadline, tokens
+from runsvc import deadline, logs, tokens
 from runsvc.api.status import to_status
 from runsvc.errors import FieldViolation, InvalidArgument, PermissionDenied, RateLimited
 from runsvc.ratelimit import RateLimiter
@@ -150,7 +150,13 @@ def _undecodable(field: str) -> grpc.Status:
     return to_status(InvalidArgument([FieldViolation(field, "is not a valid message")]))
 
 
+def _ignore(_kind: str) -> None:
+    pass
+
+
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Verifies the caller; ``on_denied("unauthenticated" | "role")`` hears of each refusal."""
+
     def __init__(
         self,
         verifier: tokens.Verifier | str,
@@ -158,10 +164,12 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         audit: SecurityAudit | None = None,
         limiter: RateLimiter | None = None,
         max_deadline_seconds: float | None = None,
+        on_denied: Callable[[str], None] = _ignore,
     ) -> None:
         if isinstance(verifier, str):
             verifier = tokens.Verifier(secret=verifier)
         self._verifier = verifier
+        self._on_denied = on_denied
         self._audit = audit
         self._limiter = limiter
         self._max_deadline = max_deadline_seconds
@@ -177,12 +185,14 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 return principal
             raise tokens.Unauthenticated()
         except tokens.Unauthenticated:
+            self._on_denied("unauthenticated")
             if self._audit is not None:
                 self._audit.count("TOKEN_REFUSED", tenant_id=None, sample=context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
             raise  # pragma: no cover - abort raises
 
     def _deny_role(self, principal: Principal, method: str, context: grpc.ServicerContext) -> None:
+        self._on_denied("role")
         if self._audit is not None:
             self._audit.denied(
                 action="ROLE_DENIED",
@@ -255,7 +265,8 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             reset = _principal.set(principal)
             reset_deadline = deadline.set(self._deadline(context))
             try:
-                return inner(request, context)
+                with logs.bound(tenant=principal.tenant_id):
+                    return inner(request, context)
             finally:
                 deadline.reset(reset_deadline)
                 _principal.reset(reset)

@@ -6,6 +6,7 @@ from runsvc.clock import Clock
 from runsvc.domain import LivenessPolicy
 from runsvc.service.backend import BackendUseCases
 from runsvc.service.context import Caller, Context
+from runsvc.service.observer import Observer
 from runsvc.service.worker import WorkerUseCases
 from runsvc.slots import Slots
 from runsvc.store.engine import Database
@@ -23,8 +24,9 @@ class RunService:
         slots: Slots,
         policy: LivenessPolicy,
         limits: Limits | None = None,
+        observer: Observer | None = None,
     ) -> None:
-        self.context = Context(db=db, clock=clock, slots=slots, policy=policy)
+        self.context = Context(db=db, clock=clock, slots=slots, policy=policy, observer=observer)
         limits = limits or Limits()
         self.worker = WorkerUseCases(self.context, limits)
         self.backend = BackendUseCases(self.context, limits)

@@ -25,6 +25,7 @@ from runsvc.domain import (
     finalization_for_lost_run,
 )
 from runsvc.errors import LeaseLost, RunNotVisible
+from runsvc.service.observer import NullObserver, Observer
 from runsvc.slots import Slots
 from runsvc.store import audit
 from runsvc.store import jobs as job_store
@@ -79,11 +80,20 @@ class Caller:
 
 
 class Context:
-    def __init__(self, *, db: Database, clock: Clock, slots: Slots, policy: LivenessPolicy) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        clock: Clock,
+        slots: Slots,
+        policy: LivenessPolicy,
+        observer: Observer | None = None,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.slots = slots
         self.policy = policy
+        self.observer: Observer = observer or NullObserver()
 
     def transact(self, work: Callable[[Connection, datetime, Notes], T], *, caller: Caller) -> T:
         """Run ``work(conn, now, notes)`` in one transaction; log its notes after commit.
@@ -103,8 +113,12 @@ class Context:
         except RunNotVisible as refused:
             self._record_refusal(refused, caller)
             raise
+        except LeaseLost:
+            self.observer.lease_lost()
+            raise
         for line in notes.lines:
             audit_log.info(line.pop("message"), extra={"audit": line})
+            self.observer.audited(line)
         return result
 
     def _record_refusal(self, refused: RunNotVisible, caller: Caller) -> None:
@@ -123,10 +137,9 @@ class Context:
             )
 
         self.db.run(work)
-        audit_log.warning(
-            "run not visible to caller",
-            extra={"audit": {"tag": "SECURITY", "run_id": refused.run_id, **detail}},
-        )
+        line = {"tag": "SECURITY", "action": "RUN_NOT_VISIBLE", "run_id": refused.run_id, **detail}
+        audit_log.warning("run not visible to caller", extra={"audit": line})
+        self.observer.audited(line)
 
     def end_run(
         self,

@@ -142,7 +142,9 @@ class WorkerUseCases:
                 )
             return HeartbeatAck(bool(row.cancel_requested), self._ctx.policy.stale_time(now))
 
-        return self._ctx.transact(work, caller=caller)
+        ack = self._ctx.transact(work, caller=caller)
+        self._ctx.observer.heartbeat()
+        return ack
 
     def acquire_jobs(
         self,
@@ -224,6 +226,7 @@ class WorkerUseCases:
 
         reported = self._ctx.transact(work, caller=caller)
         if reported.late:
+            self._ctx.observer.lease_lost()
             raise LeaseLost(
                 "the lease on this run is no longer held; late results were recorded",
                 metadata={"run_id": run_id, "recorded_late": str(reported.recorded)},

@@ -31,6 +31,7 @@ def server(db_url: str, tmp_path: Path) -> Iterator[Server]:
         tenant_slots=3,
         jwt_secret=SECRET,
         grpc_max_workers=16,
+        metrics_address="127.0.0.1:0",
     )
     running = Server(build(settings), secret=SECRET)
     running.start()

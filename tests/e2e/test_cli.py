@@ -45,7 +45,10 @@ def free_port() -> int:
 
 def clean_environ() -> dict[str, str]:
     """The test's environment without any RUNSVC_* setting of the machine."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("RUNSVC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNSVC_")}
+    # Any free port: never the default one, which a server on this host may hold.
+    env["RUNSVC_METRICS_ADDRESS"] = "127.0.0.1:0"
+    return env
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

@@ -1,0 +1,44 @@
+"""Everything the server needs for metrics, built from its settings in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+from runsvc.clock import Clock
+from runsvc.domain import LivenessPolicy
+from runsvc.metrics.counters import MetricsObserver
+from runsvc.metrics.grpc_server import GrpcMetricsInterceptor
+from runsvc.metrics.store_collector import StoreCollector
+from runsvc.store.engine import Database
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    observer: MetricsObserver
+    grpc: GrpcMetricsInterceptor
+    store: StoreCollector
+
+
+def build_metrics(
+    *,
+    db: Database,
+    clock: Clock,
+    policy: LivenessPolicy,
+    reap_interval_seconds: float,
+    tenant_series_limit: int = 0,
+) -> Metrics:
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    store = StoreCollector(db, clock, policy, tenant_series_limit=tenant_series_limit)
+    registry.register(store)
+    return Metrics(
+        registry=registry,
+        observer=MetricsObserver(registry, reap_interval_seconds=reap_interval_seconds),
+        grpc=GrpcMetricsInterceptor(registry),
+        store=store,
+    )

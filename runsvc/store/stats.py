@@ -1,0 +1,134 @@
+"""Read-only figures about runs for the metrics exporter, computed at scrape time.
+
+Every query here is bounded by an index: the per-state count is an
+index-only scan of ``ix_runs_state_created_at``; everything about live runs
+reads only PENDING and RUNNING rows, of which there is at most one per
+tenant (``uq_runs_one_active_per_tenant``), through the state-leading indexes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Float, and_, case, cast, func, select
+
+from runsvc.domain import ACTIVE_STATES, RunState
+from runsvc.store.engine import is_postgres
+from runsvc.store.runs import last_sign_of_life
+from runsvc.store.schema import runs
+
+OTHER_TENANTS = "_other"
+
+
+@dataclass(frozen=True)
+class LiveRuns:
+    """What the exporter shows about running runs and their heartbeats."""
+
+    running: int = 0
+    stale: int = 0
+    oldest_sign_of_life: datetime | None = None
+    age_sum_seconds: float = 0.0
+    # upper bound in seconds -> running runs whose last sign of life is at most that old
+    age_buckets: dict[float, int] = field(default_factory=dict)
+    locked_without_heartbeat: int = 0
+    cancel_overdue: int = 0
+
+
+def runs_by_state(conn: Connection) -> dict[str, int]:
+    """How many runs are in each state (every state present, zero when none)."""
+    counts = {state.value: 0 for state in RunState}
+    for state, count in conn.execute(select(runs.c.state, func.count()).group_by(runs.c.state)):
+        counts[state] = count
+    return counts
+
+
+def _epoch_seconds(conn: Connection) -> ColumnElement[Any]:
+    """Seconds since the epoch of the last sign of life, in the engine's own arithmetic."""
+    if is_postgres(conn):
+        return func.extract("epoch", last_sign_of_life)
+    # SQLite keeps UTC text; julianday() reads it.
+    return (func.julianday(last_sign_of_life) - 2440587.5) * 86400.0
+
+
+def live_runs(
+    conn: Connection,
+    *,
+    now: datetime,
+    stale_after: timedelta,
+    cancel_grace: timedelta,
+    bucket_bounds: Sequence[float],
+) -> LiveRuns:
+    """One aggregate over the PENDING and RUNNING rows, however many runs have ended."""
+    running = runs.c.state == RunState.RUNNING.value
+
+    def count_if(*conditions: ColumnElement[bool]) -> ColumnElement[int]:
+        return func.coalesce(func.sum(case((and_(running, *conditions), 1), else_=0)), 0)
+
+    bounds = sorted(bucket_bounds)
+    columns: list[ColumnElement[Any]] = [
+        count_if().label("running"),
+        count_if(last_sign_of_life < now - stale_after).label("stale"),
+        func.min(case((running, last_sign_of_life))).label("oldest"),
+        func.sum(case((running, cast(_epoch_seconds(conn), Float)))).label("epoch_sum"),
+        func.coalesce(
+            func.sum(
+                case(
+                    (and_(runs.c.worker_id.is_not(None), runs.c.last_heartbeat_at.is_(None)), 1),
+                    else_=0,
+                )
+            ),
+            0,
+        ).label("locked_without_heartbeat"),
+        count_if(
+            runs.c.cancel_requested.is_(True), runs.c.cancel_requested_at < now - cancel_grace
+        ).label("cancel_overdue"),
+    ]
+    columns += [
+        count_if(last_sign_of_life >= now - timedelta(seconds=bound)).label(f"le_{i}")
+        for i, bound in enumerate(bounds)
+    ]
+    row = conn.execute(
+        select(*columns).where(runs.c.state.in_(sorted(s.value for s in ACTIVE_STATES)))
+    ).one()
+    count = int(row.running)
+    oldest = row.oldest
+    if isinstance(oldest, str):  # SQLite returns min() over an expression as text
+        oldest = datetime.fromisoformat(oldest)
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    epoch_sum = float(row.epoch_sum or 0.0)
+    return LiveRuns(
+        running=count,
+        stale=int(row.stale),
+        oldest_sign_of_life=oldest,
+        age_sum_seconds=max(0.0, count * now.timestamp() - epoch_sum) if count else 0.0,
+        age_buckets={bound: int(row._mapping[f"le_{i}"]) for i, bound in enumerate(bounds)},
+        locked_without_heartbeat=int(row.locked_without_heartbeat),
+        cancel_overdue=int(row.cancel_overdue),
+    )
+
+
+def active_runs_by_tenant(conn: Connection, *, limit: int) -> dict[tuple[str, str], int]:
+    """PENDING and RUNNING runs per (tenant, state) for the first ``limit`` tenants by name.
+
+    The rest are summed under the tenant ``_other``, so the number of series
+    never exceeds ``limit + 1`` per state, whatever the number of tenants.
+    """
+    rows = conn.execute(
+        select(runs.c.tenant_id, runs.c.state, func.count())
+        .where(runs.c.state.in_(sorted(s.value for s in ACTIVE_STATES)))
+        .group_by(runs.c.tenant_id, runs.c.state)
+        .order_by(runs.c.tenant_id)
+    )
+    result: dict[tuple[str, str], int] = {}
+    shown: set[str] = set()
+    for tenant, state, count in rows:
+        if tenant not in shown and len(shown) >= limit:
+            tenant = OTHER_TENANTS
+        else:
+            shown.add(tenant)
+        result[(tenant, state)] = result.get((tenant, state), 0) + count
+    return result
