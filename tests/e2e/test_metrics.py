@@ -23,7 +23,7 @@ from tests.e2e.conftest import SECRET, token, wait_for
 
 STALE_AFTER = 1.0
 BACKEND = token("backend", "t1")
-WORKER = token("worker", "t1")
+WORKER = token("worker", "t1", subject="w1")
 
 ONE_JOB = [pb.JobSpec(external_id="call-0", payload=b"x")]
 
