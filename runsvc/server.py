@@ -21,9 +21,10 @@ from runsvc.api.auth import SERVICE, AuthInterceptor
 from runsvc.api.servicer import RunServiceServicer
 from runsvc.clock import Clock
 from runsvc.reaper import Reaper
+from runsvc.redisslots import sync as slot_sync
 from runsvc.service import RunService
 from runsvc.settings import Settings
-from runsvc.slots import StoreSlots
+from runsvc.slots import Slots, StoreSlots
 from runsvc.store import migrate
 from runsvc.store.clock import DatabaseClock
 from runsvc.store.engine import Database, make_engine
@@ -48,17 +49,34 @@ class Components:
     db: Database
     service: RunService
     reaper: Reaper
+    # The Redis slot backend's relay, reconciler and figures; None on store-backed slots.
+    slot_sync: slot_sync.SlotSync | None = None
+
+
+def redis_slot_config(settings: Settings) -> slot_sync.RedisSlotConfig | None:
+    if not settings.redis_url:
+        return None
+    return slot_sync.RedisSlotConfig(
+        url=settings.redis_url,
+        key_prefix=settings.redis_key_prefix,
+        timeout_seconds=settings.redis_timeout_seconds,
+        ttl_seconds=settings.slot_ttl_seconds,
+        orphan_grace_seconds=settings.slot_orphan_grace_seconds,
+        reconcile_interval_seconds=settings.slot_reconcile_interval_seconds,
+        relay_interval_seconds=settings.slot_relay_interval_seconds,
+        relay_max_backoff_seconds=settings.slot_relay_max_backoff_seconds,
+        hold_releases_for_tests=settings.testonly_hold_slot_releases,
+    )
 
 
 def build(settings: Settings, *, clock: Clock | None = None) -> Components:
     db = Database(make_engine(settings.effective_database_url, pool_size=settings.grpc_max_workers))
-    service = RunService(
-        db=db,
-        clock=clock or DatabaseClock(),
-        slots=StoreSlots(settings.slot_limits()),
-        policy=settings.liveness(),
-    )
-    return Components(settings, db, service, Reaper(service.context))
+    clock = clock or DatabaseClock()
+    config = redis_slot_config(settings)
+    sync = slot_sync.build(db, clock, settings.slot_limits(), config) if config else None
+    slots: Slots = sync.slots if sync else StoreSlots(settings.slot_limits())
+    service = RunService(db=db, clock=clock, slots=slots, policy=settings.liveness())
+    return Components(settings, db, service, Reaper(service.context), sync)
 
 
 class Server:
@@ -99,6 +117,8 @@ class Server:
     def start(self) -> None:
         report = self.components.reaper.startup_pass()
         log.info("startup cleanup done", extra={"ended": report.ended})
+        if self.components.slot_sync is not None:
+            self.components.slot_sync.start()
         self._grpc.start()
         self._reaper_thread.start()
         for name in ("", SERVICE):
@@ -114,6 +134,8 @@ class Server:
         self._grpc.stop(grace).wait()
         if self._reaper_thread.is_alive():
             self._reaper_thread.join(timeout=grace + 5)
+        if self.components.slot_sync is not None:
+            self.components.slot_sync.stop()
         self.components.db.dispose()
         log.info("stopped")
 

@@ -40,6 +40,17 @@ class Settings:
     grpc_max_workers: int = 32
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # Concurrency slots in Redis (unset: the store-backed slots, the embedded default).
+    redis_url: str = ""
+    redis_key_prefix: str = "runsvc:"
+    redis_timeout_seconds: float = 0.5
+    slot_ttl_seconds: float = 120.0
+    slot_orphan_grace_seconds: float = 10.0
+    slot_reconcile_interval_seconds: float = 30.0
+    slot_relay_interval_seconds: float = 1.0
+    slot_relay_max_backoff_seconds: float = 5.0
+    # Test-only: commit slot releases but never apply them (crash tests). Off by default.
+    testonly_hold_slot_releases: bool = False
 
     @property
     def effective_database_url(self) -> str:
@@ -102,6 +113,25 @@ def _secret(raw: str) -> str:
     return raw
 
 
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _key_prefix(raw: str) -> str:
+    if len(raw) > 64 or any(c.isspace() for c in raw):
+        raise ValueError("must be at most 64 characters, without spaces")
+    return raw
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in {"1", "true", "0", "false"}:
+        raise ValueError("must be 1, true, 0 or false")
+    return value in {"1", "true"}
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -123,10 +153,19 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_GRPC_MAX_WORKERS": ("grpc_max_workers", _positive_int),
     "RUNSVC_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
     "RUNSVC_LOG_LEVEL": ("log_level", _log_level),
+    "RUNSVC_REDIS_URL": ("redis_url", _redis_url),
+    "RUNSVC_REDIS_KEY_PREFIX": ("redis_key_prefix", _key_prefix),
+    "RUNSVC_REDIS_TIMEOUT_SECONDS": ("redis_timeout_seconds", _positive_float),
+    "RUNSVC_SLOT_TTL_SECONDS": ("slot_ttl_seconds", _positive_float),
+    "RUNSVC_SLOT_ORPHAN_GRACE_SECONDS": ("slot_orphan_grace_seconds", _positive_float),
+    "RUNSVC_SLOT_RECONCILE_INTERVAL_SECONDS": ("slot_reconcile_interval_seconds", _positive_float),
+    "RUNSVC_SLOT_RELAY_INTERVAL_SECONDS": ("slot_relay_interval_seconds", _positive_float),
+    "RUNSVC_SLOT_RELAY_MAX_BACKOFF_SECONDS": ("slot_relay_max_backoff_seconds", _positive_float),
+    "RUNSVC_TESTONLY_HOLD_SLOT_RELEASES": ("testonly_hold_slot_releases", _flag),
 }
 
 
-_SECRETS = frozenset({"RUNSVC_JWT_SECRET"})
+_SECRETS = frozenset({"RUNSVC_JWT_SECRET", "RUNSVC_REDIS_URL"})
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -150,5 +189,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(
             "invalid settings:\n  RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS must not be shorter "
             "than RUNSVC_STALE_AFTER_SECONDS"
+        )
+    if settings.redis_url and settings.slot_ttl_seconds <= settings.stale_after_seconds:
+        raise SettingsError(
+            "invalid settings:\n  RUNSVC_SLOT_TTL_SECONDS must be longer than "
+            "RUNSVC_STALE_AFTER_SECONDS (a live worker's slots must not expire)"
         )
     return settings
