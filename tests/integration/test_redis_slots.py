@@ -268,3 +268,39 @@ def test_redis_emptied_grants_nothing_until_rebuilt(
     )
     assert figures.release_backlog == 0
     assert figures.redis_ok
+
+
+def test_heartbeats_keep_the_lease_holders_slots_alive(
+    one: Replica, client: redis.Redis, redis_prefix: str
+) -> None:
+    service = one.service
+    claim = start_run(service, "t1", 3)
+    acquire(service, "t1", claim, 2)
+    key = f"{redis_prefix}slots:t1"
+    before = dict(client.zrange(key, 0, -1, withscores=True))
+    client.zadd(key, {m: s - 60_000 for m, s in before.items()}, xx=True)  # a minute older
+    service.worker.heartbeat(
+        tenant_id="t1", run_id=claim.run.id, lease_epoch=claim.lease_epoch, caller=WORKER
+    )
+    assert one.sync.relay.refresh_once() == 2
+    after = dict(client.zrange(key, 0, -1, withscores=True))
+    assert after.keys() == before.keys()
+    assert all(after[m] >= before[m] for m in before)
+
+
+def test_figures_show_the_outbox_backlog_and_its_age(
+    one: Replica, clock: FakeClock, client: redis.Redis, redis_prefix: str
+) -> None:
+    from runsvc.store import slot_releases as outbox
+
+    one.service.context.db.run(
+        lambda conn: outbox.add(
+            conn, tenant_id="t1", run_id=None, cause="test", members=["x|1|y|z"], now=clock.now()
+        )
+    )
+    clock.advance(5)
+    figures = one.sync.figures()
+    assert (figures.release_backlog, figures.release_oldest_age_seconds) == (1, 5.0)
+    assert one.sync.relay.drain_once() == 1
+    assert one.sync.figures().release_backlog == 0
+    assert one.sync.metrics.counts().releases_applied == 1
