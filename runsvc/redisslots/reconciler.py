@@ -8,6 +8,8 @@ the jobs in progress, so that every race resolves safely:
   PostgreSQL read looks missing; restoring it is a no-op (``ZADD NX``);
 * a slot whose job left progress after the Redis read looks orphaned; it is
   being released anyway;
+* a slot restored for a job that left progress meanwhile is removed again
+  once a second read shows that job out of progress;
 * a slot whose AcquireJobs has not committed yet looks orphaned; it is only
   removed once untouched for the grace period (far longer than a transaction).
 
@@ -104,17 +106,20 @@ class Reconciler:
                 return job_store.in_progress_slots(conn, tenant_id=scope)
 
             truth = self._db.run(read)
+            restored: dict[str, list[str]] = {}
             for tenant in sorted(set(live) | set(truth)):
                 held = {slot.member for slot in truth.get(tenant, [])}
                 seen = live.get(tenant, set())
+                restored[tenant] = sorted(held - seen)
                 drift = TenantDrift(
-                    missing_restored=self._store.restore(tenant, sorted(held - seen)),
+                    missing_restored=self._store.restore(tenant, restored[tenant]),
                     orphans_removed=self._store.remove_orphans(
                         tenant, sorted(seen - held), grace_ms=self._grace_ms
                     ),
                 )
                 if drift.missing_restored or drift.orphans_removed:
                     report.tenants[tenant] = drift
+            self._undo_restores_that_ended(restored, scope)
             if rebuild:
                 self._store.mark_ready()
                 report.rebuilt = True
@@ -123,6 +128,18 @@ class Reconciler:
         if report.rebuilt or report.tenants:
             log.info("slots reconciled", extra={"reconcile": report.as_dict()})
         return report
+
+    def _undo_restores_that_ended(self, restored: dict[str, list[str]], scope: str | None) -> None:
+        """A job that left progress after the read had its release applied before the
+        restore put its slot back: remove those now. Safe without a grace period, since
+        these jobs were seen in progress (their grant committed) and a name is never reused.
+        """
+        if not any(restored.values()):
+            return
+        now_held = self._db.run(lambda conn: job_store.in_progress_slots(conn, tenant_id=scope))
+        for tenant, members in restored.items():
+            still = {slot.member for slot in now_held.get(tenant, [])}
+            self._store.release(tenant, [m for m in members if m not in still])
 
     def run_forever(self, stop: threading.Event) -> None:
         """A pass every interval, or at once when woken (Redis lost its slots)."""
