@@ -89,6 +89,36 @@ def cmd_reap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slots(args: argparse.Namespace) -> int:
+    """``slots show``: Redis vs PostgreSQL per tenant, the outbox. ``slots reconcile``: repair."""
+    import dataclasses
+
+    from runsvc import server
+
+    settings = _settings()
+    logs.configure(settings.log_level)
+    if not settings.redis_url:
+        print(
+            "runsvc slots: RUNSVC_REDIS_URL is not set; slots are counted in the store "
+            "(a job in progress is its slot), so there is nothing to show or reconcile",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    components = server.build(settings)
+    sync = components.slot_sync
+    assert sync is not None
+    try:
+        if args.slots_command == "reconcile":
+            report = sync.reconciler.pass_once(tenant_id=args.tenant)
+            print(json.dumps(report.as_dict()))
+        else:
+            print(json.dumps(dataclasses.asdict(sync.figures(tenant_id=args.tenant))))
+    finally:
+        sync.store.client.close()
+        components.db.dispose()
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from runsvc import server
 
@@ -264,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     reap = _command(sub, "reap", cmd_reap, "finalize runs whose worker went silent")
     reap.add_argument("--once", action="store_true", required=True, help="one pass, then exit")
     reap.add_argument("--startup", action="store_true", help="apply the startup cleanup rules")
+    slots = _command(sub, "slots", lambda _: EXIT_USAGE, "concurrency slots in Redis")
+    slots_sub = slots.add_subparsers(dest="slots_command", required=True)
+    for name, text in (
+        ("show", "slots in use per tenant (Redis, PostgreSQL, limit) and pending releases"),
+        ("reconcile", "make Redis agree with the jobs in progress in PostgreSQL, now"),
+    ):
+        _command(slots_sub, name, cmd_slots, text).add_argument("--tenant", help="one tenant")
     token = _command(sub, "token", cmd_token, "print a bearer token signed with the secret")
     token.add_argument("--role", required=True, choices=sorted(tokens.ROLES))
     token.add_argument("--tenant")

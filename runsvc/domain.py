@@ -12,6 +12,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import ClassVar
 
 
 class RunState(enum.StrEnum):
@@ -203,3 +204,28 @@ class LivenessPolicy:
     def stale_time(self, last_heartbeat: datetime) -> datetime:
         """When a run whose last heartbeat is ``last_heartbeat`` becomes stale."""
         return last_heartbeat + self.stale_after
+
+
+@dataclass(frozen=True)
+class HeldSlot:
+    """One job's slot, named by its run, the lease epoch that took it, its job and a token.
+
+    The token is new for every AcquireJobs call, so a name is never granted
+    twice: releasing it can only ever free that one grant.
+    """
+
+    run_id: str
+    lease_epoch: int
+    job_id: str
+    token: str
+
+    SEPARATOR: ClassVar[str] = "|"
+
+    @property
+    def member(self) -> str:
+        return self.SEPARATOR.join((self.run_id, str(self.lease_epoch), self.job_id, self.token))
+
+    @classmethod
+    def parse(cls, member: str) -> HeldSlot:
+        run_id, epoch, job_id, token = member.split(cls.SEPARATOR)
+        return cls(run_id, int(epoch), job_id, token)

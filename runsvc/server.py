@@ -22,13 +22,15 @@ from runsvc.api.request_context import RequestContextInterceptor
 from runsvc.api.servicer import RunServiceServicer
 from runsvc.clock import Clock
 from runsvc.metrics.exporter import Exporter
+from runsvc.metrics.store_collector import no_slot_backlog
 from runsvc.metrics.wiring import Metrics, build_metrics
 from runsvc.ratelimit import RateLimiter
 from runsvc.reaper import Reaper
+from runsvc.redisslots import sync as slot_sync
 from runsvc.service import RunService
 from runsvc.service.security import SecurityAudit
 from runsvc.settings import Settings
-from runsvc.slots import StoreSlots
+from runsvc.slots import Slots, StoreSlots
 from runsvc.store import migrate
 from runsvc.store.clock import DatabaseClock
 from runsvc.store.engine import Database, make_engine
@@ -83,26 +85,46 @@ class Components:
     service: RunService
     reaper: Reaper
     metrics: Metrics | None = None
+    # The Redis slot backend's relay, reconciler and figures; None on store-backed slots.
+    slot_sync: slot_sync.SlotSync | None = None
+
+
+def redis_slot_config(settings: Settings) -> slot_sync.RedisSlotConfig | None:
+    if not settings.redis_url:
+        return None
+    return slot_sync.RedisSlotConfig(
+        url=settings.redis_url,
+        key_prefix=settings.redis_key_prefix,
+        timeout_seconds=settings.redis_timeout_seconds,
+        ttl_seconds=settings.slot_ttl_seconds,
+        orphan_grace_seconds=settings.slot_orphan_grace_seconds,
+        reconcile_interval_seconds=settings.slot_reconcile_interval_seconds,
+        relay_interval_seconds=settings.slot_relay_interval_seconds,
+        relay_max_backoff_seconds=settings.slot_relay_max_backoff_seconds,
+        hold_releases_for_tests=settings.testonly_hold_slot_releases,
+    )
 
 
 def build(settings: Settings, *, clock: Clock | None = None) -> Components:
     db = Database(make_engine(settings.effective_database_url, pool_size=settings.grpc_max_workers))
     clock = clock or DatabaseClock()
+    config = redis_slot_config(settings)
+    sync = slot_sync.build(db, clock, settings.slot_limits(), config) if config else None
+    slots: Slots = sync.slots if sync else StoreSlots(settings.slot_limits())
     metrics = build_metrics(
         db=db,
         clock=clock,
         policy=settings.liveness(),
         reap_interval_seconds=settings.reap_interval_seconds,
         tenant_series_limit=settings.metrics_tenant_series,
+        slot_backlog=sync.backlog if sync else no_slot_backlog,
     )
     service = RunService(
-        db=db,
-        clock=clock,
-        slots=StoreSlots(settings.slot_limits()),
-        policy=settings.liveness(),
-        observer=metrics.observer,
+        db=db, clock=clock, slots=slots, policy=settings.liveness(), observer=metrics.observer
     )
-    return Components(settings, db, service, Reaper(service.context), metrics)
+    return Components(
+        settings, db, service, Reaper(service.context), metrics=metrics, slot_sync=sync
+    )
 
 
 def _ignore_denial(_kind: str) -> None:
@@ -184,6 +206,8 @@ class Server:
         if self.exporter is not None:
             self.exporter.start()
             log.info("serving metrics", extra={"metrics_port": self.exporter.port})
+        if self.components.slot_sync is not None:
+            self.components.slot_sync.start()
         self._grpc.start()
         self._reaper_thread.start()
         for name in ("", SERVICE):
@@ -202,6 +226,8 @@ class Server:
             self._reaper_thread.join(timeout=grace + 5)
         if self.exporter is not None:
             self.exporter.stop()
+        if self.components.slot_sync is not None:
+            self.components.slot_sync.stop()
         self.components.db.dispose()
         log.info("stopped")
 

@@ -60,6 +60,17 @@ class Settings:
     # None: no exporter (RUNSVC_METRICS_ADDRESS=off, or set to nothing).
     metrics_address: str | None = "127.0.0.1:9464"
     metrics_tenant_series: int = 0
+    # Concurrency slots in Redis (unset: the store-backed slots, the embedded default).
+    redis_url: str = ""
+    redis_key_prefix: str = "runsvc:"
+    redis_timeout_seconds: float = 0.5
+    slot_ttl_seconds: float = 120.0
+    slot_orphan_grace_seconds: float = 10.0
+    slot_reconcile_interval_seconds: float = 30.0
+    slot_relay_interval_seconds: float = 1.0
+    slot_relay_max_backoff_seconds: float = 5.0
+    # Test-only: commit slot releases but never apply them (crash tests). Off by default.
+    testonly_hold_slot_releases: bool = False
 
     @property
     def effective_database_url(self) -> str:
@@ -120,6 +131,25 @@ def _secret(raw: str) -> str:
     if len(raw.encode()) < 32:
         raise ValueError("must be at least 32 bytes (an HS256 key as long as its hash)")
     return raw
+
+
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _key_prefix(raw: str) -> str:
+    if len(raw) > 64 or any(c.isspace() for c in raw):
+        raise ValueError("must be at most 64 characters, without spaces")
+    return raw
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in {"1", "true", "0", "false"}:
+        raise ValueError("must be 1, true, 0 or false")
+    return value in {"1", "true"}
 
 
 def _log_level(raw: str) -> str:
@@ -232,13 +262,22 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_AUDIT_AGGREGATE_SECONDS": ("audit_aggregate_seconds", _positive_float),
     "RUNSVC_METRICS_ADDRESS": ("metrics_address", _metrics_address),
     "RUNSVC_METRICS_TENANT_SERIES": ("metrics_tenant_series", _tenant_series),
+    "RUNSVC_REDIS_URL": ("redis_url", _redis_url),
+    "RUNSVC_REDIS_KEY_PREFIX": ("redis_key_prefix", _key_prefix),
+    "RUNSVC_REDIS_TIMEOUT_SECONDS": ("redis_timeout_seconds", _positive_float),
+    "RUNSVC_SLOT_TTL_SECONDS": ("slot_ttl_seconds", _positive_float),
+    "RUNSVC_SLOT_ORPHAN_GRACE_SECONDS": ("slot_orphan_grace_seconds", _positive_float),
+    "RUNSVC_SLOT_RECONCILE_INTERVAL_SECONDS": ("slot_reconcile_interval_seconds", _positive_float),
+    "RUNSVC_SLOT_RELAY_INTERVAL_SECONDS": ("slot_relay_interval_seconds", _positive_float),
+    "RUNSVC_SLOT_RELAY_MAX_BACKOFF_SECONDS": ("slot_relay_max_backoff_seconds", _positive_float),
+    "RUNSVC_TESTONLY_HOLD_SLOT_RELEASES": ("testonly_hold_slot_releases", _flag),
 }
 
 # Variables whose empty value means something (off) rather than "the default".
 _EMPTY_IS_A_VALUE = frozenset({"RUNSVC_METRICS_ADDRESS"})
 
 
-_SECRETS = frozenset({"RUNSVC_JWT_SECRET"})
+_SECRETS = frozenset({"RUNSVC_JWT_SECRET", "RUNSVC_REDIS_URL"})
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -264,6 +303,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             "than RUNSVC_STALE_AFTER_SECONDS"
         )
     _check_security(settings)
+    if settings.redis_url and settings.slot_ttl_seconds <= settings.stale_after_seconds:
+        raise SettingsError(
+            "invalid settings:\n  RUNSVC_SLOT_TTL_SECONDS must be longer than "
+            "RUNSVC_STALE_AFTER_SECONDS (a live worker's slots must not expire)"
+        )
     return settings
 
 

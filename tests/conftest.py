@@ -1,9 +1,12 @@
-"""Fixtures for every tier: real SQLite files and a real PostgreSQL database.
+"""Fixtures for every tier: real SQLite files, a real PostgreSQL database, real Redis.
 
 PostgreSQL comes from ``RUNSVC_TEST_DATABASE_URL`` (default: the local
 ``test`` database with trust auth). Each test session creates a database of
 its own and drops it at the end. When PostgreSQL cannot be reached the tests
 that need it are skipped, except under ``CI=true``, where that is a failure.
+Redis comes from ``RUNSVC_TEST_REDIS_URL`` (default the local server) with a
+key prefix of its own per test, under the same rule; fault tests start a
+dedicated ``redis-server`` of their own instead.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -22,8 +26,10 @@ from runsvc.service import Caller, RunService
 from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store.engine import Database, make_engine
 from runsvc.store.schema import metadata
+from tests.redis_process import REDIS_SERVER, RedisProcess
 
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 BACKEND = Caller(subject="test-backend", role="backend")
@@ -66,7 +72,9 @@ def postgres_url() -> Iterator[str]:
 def _truncate(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE runs, jobs, audit_events RESTART IDENTITY CASCADE"))
+        conn.execute(
+            text("TRUNCATE runs, jobs, audit_events, slot_releases RESTART IDENTITY CASCADE")
+        )
     engine.dispose()
 
 
@@ -112,3 +120,40 @@ def service(
     database: Database, clock: FakeClock, policy: LivenessPolicy, slot_limits: SlotLimits
 ) -> RunService:
     return RunService(db=database, clock=clock, slots=StoreSlots(slot_limits), policy=policy)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    url = os.environ.get("RUNSVC_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        require_service("Redis", error)
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"runsvc-test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A dedicated redis-server process for this test (paused, killed, restarted at will)."""
+    if not os.access(REDIS_SERVER, os.X_OK):
+        require_service("redis-server", FileNotFoundError(REDIS_SERVER))
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.kill()

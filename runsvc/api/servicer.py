@@ -131,6 +131,7 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
             run=convert.run_to_proto(done.run),
             cancelled_jobs=done.cancelled_jobs,
             released_slots=done.released_slots,
+            pending_slot_releases=done.pending_slot_releases,
         )
 
     # --- workers -------------------------------------------------------

@@ -10,7 +10,7 @@ from runsvc.clock import Clock
 from runsvc.domain import LivenessPolicy
 from runsvc.metrics.counters import MetricsObserver
 from runsvc.metrics.grpc_server import GrpcMetricsInterceptor
-from runsvc.metrics.store_collector import StoreCollector
+from runsvc.metrics.store_collector import SlotBacklog, StoreCollector, no_slot_backlog
 from runsvc.store.engine import Database
 
 
@@ -29,12 +29,15 @@ def build_metrics(
     policy: LivenessPolicy,
     reap_interval_seconds: float,
     tenant_series_limit: int = 0,
+    slot_backlog: SlotBacklog = no_slot_backlog,
 ) -> Metrics:
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    store = StoreCollector(db, clock, policy, tenant_series_limit=tenant_series_limit)
+    store = StoreCollector(
+        db, clock, policy, tenant_series_limit=tenant_series_limit, slot_backlog=slot_backlog
+    )
     registry.register(store)
     return Metrics(
         registry=registry,

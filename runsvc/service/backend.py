@@ -21,6 +21,7 @@ from runsvc.errors import (
     RunNotVisible,
 )
 from runsvc.service.context import Caller, Context, Notes
+from runsvc.slots import SlotRelease
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
 from runsvc.validation import Checker, Limits, check_jobs
@@ -32,7 +33,16 @@ _CANCEL_ATTEMPTS = 3
 class ForceCancelled:
     run: Run
     cancelled_jobs: int
+    # Slots this call freed in the database's accounting.
     released_slots: int
+    release: SlotRelease | None = None
+
+    @property
+    def pending_slot_releases(self) -> int:
+        """Of ``released_slots``, how many the slot store had not yet been told of on return."""
+        if self.release is None or self.release.applied:
+            return 0
+        return self.release.count
 
 
 @dataclass(frozen=True)
@@ -237,7 +247,7 @@ class BackendUseCases:
             )
             run = self._visible(conn, run_id, tenant_id)
             if ended is not None:
-                return ForceCancelled(run, ended.failed_jobs, ended.released_slots)
+                return ForceCancelled(run, ended.failed_jobs, ended.released_slots, ended.release)
             if run.state is RunState.CANCELLED:
                 return ForceCancelled(run, 0, 0)
             raise InvalidTransition(

@@ -2,8 +2,9 @@
 
 Ending a run is one code path for every cause (stale on read, the reaper,
 startup cleanup, cancel, force cancel, finish): one guarded statement, and
-only if it matched, the fan-out — unfinished jobs failed, audit row — in the
-same transaction.
+only if it matched, the fan-out — unfinished jobs failed, their slots'
+release recorded, audit row — in the same transaction. Recorded slot
+releases are applied once the transaction has committed, never inside it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from runsvc.domain import (
 )
 from runsvc.errors import LeaseLost, RunNotVisible
 from runsvc.service.observer import NullObserver, Observer
-from runsvc.slots import Slots
+from runsvc.slots import HeldSlot, SlotRelease, Slots
 from runsvc.store import audit
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
@@ -50,9 +51,16 @@ class Notes:
     """Audit log lines of one transaction, written only once it has committed."""
 
     lines: list[dict[str, Any]] = field(default_factory=list)
+    releases: list[SlotRelease] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
     def add(self, **fields: Any) -> None:
         self.lines.append(fields)
+
+    def clear(self) -> None:
+        self.lines.clear()
+        self.releases.clear()
+        self.after_commit.clear()
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class Ended:
     reason: str | None
     failed_jobs: int
     released_slots: int
+    release: SlotRelease | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ class Context:
         notes = Notes()
 
         def attempt(conn: Connection) -> T:
-            notes.lines.clear()
+            notes.clear()
             return work(conn, self.clock.now(conn), notes)
 
         try:
@@ -119,7 +128,32 @@ class Context:
         for line in notes.lines:
             audit_log.info(line.pop("message"), extra={"audit": line})
             self.observer.audited(line)
+        for release in notes.releases:
+            release.applied = self.slots.apply_release(release)
+        for action in notes.after_commit:
+            action()
         return result
+
+    def release_slots(
+        self,
+        conn: Connection,
+        notes: Notes,
+        *,
+        tenant_id: str,
+        run_id: str | None,
+        slots: list[HeldSlot],
+        cause: str,
+        now: datetime,
+    ) -> SlotRelease | None:
+        """Record in this transaction that these slots are free; applied after commit."""
+        if not slots:
+            return None
+        release = self.slots.record_release(
+            conn, tenant_id=tenant_id, run_id=run_id, slots=slots, cause=cause, now=now
+        )
+        if release is not None:
+            notes.releases.append(release)
+        return release
 
     def _record_refusal(self, refused: RunNotVisible, caller: Caller) -> None:
         detail = {"caller": caller.subject, "role": caller.role, "scope": refused.tenant_id}
@@ -179,6 +213,15 @@ class Context:
             reason=(reason or StopReason.WORKER_FAILED).value,
             now=now,
         )
+        release = self.release_slots(
+            conn,
+            notes,
+            tenant_id=row.tenant_id,
+            run_id=run_id,
+            slots=failed.freed,
+            cause=detected_by,
+            now=now,
+        )
         ended = Ended(
             run_id,
             row.tenant_id,
@@ -186,6 +229,7 @@ class Context:
             reason.value if reason else None,
             failed.total,
             failed.in_progress,
+            release,
         )
         detail = {
             "state": ended.state.value,

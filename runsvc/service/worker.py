@@ -15,6 +15,7 @@ from sqlalchemy import Connection
 
 from runsvc.domain import (
     FINISH_EVENTS,
+    HeldSlot,
     Job,
     JobResult,
     Run,
@@ -100,7 +101,18 @@ class WorkerUseCases:
             if resumed is not None:
                 # The crashed incarnation's jobs have an unknown outcome: they
                 # fail as WORKER_LOST, and a late result from it is still kept.
-                job_store.fail_in_progress(conn, resumed.id, tenant_id=resumed.tenant_id, now=now)
+                freed = job_store.fail_in_progress(
+                    conn, resumed.id, tenant_id=resumed.tenant_id, now=now
+                )
+                self._ctx.release_slots(
+                    conn,
+                    notes,
+                    tenant_id=resumed.tenant_id,
+                    run_id=resumed.id,
+                    slots=freed,
+                    cause="resume",
+                    now=now,
+                )
                 run = run_store.get(conn, resumed.id, tenant_id=tenant_id)
                 assert run is not None
                 return Claim(run, resumed.lease_epoch, resumed=True)
@@ -140,6 +152,12 @@ class WorkerUseCases:
                 raise self._ctx.lease_miss(
                     conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
                 )
+            run_tenant = row.tenant_id
+            notes.after_commit.append(
+                lambda: self._ctx.slots.keep_alive(
+                    tenant_id=run_tenant, run_id=run_id, lease_epoch=lease_epoch
+                )
+            )
             return HeartbeatAck(bool(row.cancel_requested), self._ctx.policy.stale_time(now))
 
         ack = self._ctx.transact(work, caller=caller)
@@ -158,6 +176,14 @@ class WorkerUseCases:
         check = self._check_lease(run_id, lease_epoch)
         check.count("max_jobs", max_jobs, low=1, high=self._limits.max_jobs_per_acquire)
         check.done()
+        if self._ctx.slots.reserves_ahead:
+            return self._acquire_reserving(
+                tenant_id=tenant_id,
+                run_id=run_id,
+                lease_epoch=lease_epoch,
+                max_jobs=max_jobs,
+                caller=caller,
+            )
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Acquired:
             row = run_store.touch_lease(
@@ -187,6 +213,99 @@ class WorkerUseCases:
             return Acquired(taken, free - len(taken))
 
         return self._ctx.transact(work, caller=caller)
+
+    def _acquire_reserving(
+        self,
+        *,
+        tenant_id: str | None,
+        run_id: str,
+        lease_epoch: int,
+        max_jobs: int,
+        caller: Caller,
+    ) -> Acquired:
+        """AcquireJobs when slots live outside the database.
+
+        Slots are taken first, then the jobs are marked in progress in one
+        transaction, then unused slots are given back. A crash between the
+        two can only leave a slot that no job holds (it expires, or the
+        reconciler removes it), never a job in progress without its slot.
+        """
+        slots = self._ctx.slots
+
+        def look(conn: Connection, now: datetime, notes: Notes) -> tuple[str, list[str]]:
+            row = run_store.touch_lease(
+                conn,
+                run_id,
+                tenant_id=tenant_id,
+                worker=caller.worker,
+                lease_epoch=lease_epoch,
+                now=now,
+            )
+            if row is None:
+                raise self._ctx.lease_miss(
+                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
+                )
+            if row.cancel_requested:
+                # A run being cancelled starts nothing new.
+                return row.tenant_id, []
+            ids = job_store.queued_ids(conn, run_id, tenant_id=row.tenant_id, limit=max_jobs)
+            return row.tenant_id, ids
+
+        run_tenant, candidates = self._ctx.transact(look, caller=caller)
+        reservation = slots.reserve(
+            tenant_id=run_tenant, run_id=run_id, lease_epoch=lease_epoch, job_ids=candidates
+        )
+        if not reservation.granted:
+            return Acquired([], reservation.free)
+        granted = {held.job_id: held for held in reservation.granted}
+        token = reservation.granted[0].token
+
+        def take(conn: Connection, now: datetime, notes: Notes) -> Acquired:
+            row = run_store.touch_lease(
+                conn,
+                run_id,
+                tenant_id=tenant_id,
+                worker=caller.worker,
+                lease_epoch=lease_epoch,
+                now=now,
+            )
+            if row is None:
+                raise self._ctx.lease_miss(
+                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
+                )
+            taken = []
+            if not row.cancel_requested:
+                taken = job_store.take_reserved(
+                    conn,
+                    run_id,
+                    list(granted),
+                    tenant_id=run_tenant,
+                    lease_epoch=lease_epoch,
+                    slot_token=token,
+                    now=now,
+                )
+            used = {job.id for job in taken}
+            unused = [held for job_id, held in granted.items() if job_id not in used]
+            # Another call of this lease took some of these jobs meanwhile: the
+            # slots reserved for them go back, recorded with this commit.
+            self._ctx.release_slots(
+                conn,
+                notes,
+                tenant_id=run_tenant,
+                run_id=run_id,
+                slots=unused,
+                cause="unused",
+                now=now,
+            )
+            return Acquired(taken, reservation.free + len(unused))
+
+        try:
+            return self._ctx.transact(take, caller=caller)
+        except Exception:
+            # Nothing committed: every reserved slot goes back (if this fails
+            # too, they expire or the reconciler removes them).
+            slots.give_back(tenant_id=run_tenant, slots=reservation.granted)
+            raise
 
     def report_jobs(
         self,
@@ -222,7 +341,7 @@ class WorkerUseCases:
                 run_tenant = run.tenant_id
             else:
                 run_tenant = row.tenant_id
-            return self._record(conn, run_id, run_tenant, lease_epoch, results, late, now)
+            return self._record(conn, notes, run_id, run_tenant, lease_epoch, results, late, now)
 
         reported = self._ctx.transact(work, caller=caller)
         if reported.late:
@@ -236,6 +355,7 @@ class WorkerUseCases:
     def _record(
         self,
         conn: Connection,
+        notes: Notes,
         run_id: str,
         tenant_id: str,
         lease_epoch: int,
@@ -253,8 +373,9 @@ class WorkerUseCases:
             raise InvalidArgument(unknown)
         recorded = duplicates = 0
         not_held: list[str] = []
+        freed: list[HeldSlot] = []
         for result in sorted(results, key=lambda r: r.job_id):
-            if job_store.record_result(
+            slot = job_store.record_result(
                 conn,
                 result.job_id,
                 tenant_id=tenant_id,
@@ -264,8 +385,11 @@ class WorkerUseCases:
                 error=result.error,
                 late=late,
                 now=now,
-            ):
+            )
+            if slot is not None:
                 recorded += 1
+                if not late:
+                    freed.append(slot)
                 continue
             job = held[result.job_id]
             if job.lease_epoch == lease_epoch and job.state.value == result.outcome.value:
@@ -274,6 +398,9 @@ class WorkerUseCases:
                 not_held.append(result.job_id)
         if not_held:
             raise JobNotHeld(metadata={"job_ids": ",".join(not_held)})
+        self._ctx.release_slots(
+            conn, notes, tenant_id=tenant_id, run_id=run_id, slots=freed, cause="report", now=now
+        )
         return Reported(recorded, duplicates, late)
 
     def finish_run(

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Row, func, select, update
 
-from runsvc.domain import Job, JobOutcome, JobSpec, JobState, StopReason
+from runsvc.domain import HeldSlot, Job, JobOutcome, JobSpec, JobState, StopReason
 from runsvc.store.engine import is_postgres
 from runsvc.store.schema import jobs
 
@@ -57,6 +57,71 @@ def count_in_progress(conn: Connection, *, tenant_id: str) -> int:
     ).scalar_one()
 
 
+def _slot_of(row: Any) -> HeldSlot:
+    return HeldSlot(row.run_id, row.lease_epoch, row.id, row.slot_token or "")
+
+
+def queued_ids(conn: Connection, run_id: str, *, tenant_id: str, limit: int) -> list[str]:
+    """The ids of the run's next queued jobs, in creation order; a read, nothing locked."""
+    return list(
+        conn.execute(
+            select(jobs.c.id)
+            .where(
+                jobs.c.run_id == run_id,
+                jobs.c.tenant_id == tenant_id,
+                jobs.c.state == JobState.QUEUED.value,
+            )
+            .order_by(jobs.c.seq)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def take_reserved(
+    conn: Connection,
+    run_id: str,
+    job_ids: Sequence[str],
+    *,
+    tenant_id: str,
+    lease_epoch: int,
+    slot_token: str,
+    now: datetime,
+) -> list[Job]:
+    """Mark exactly these jobs in progress under their reserved slot, those still queued."""
+    if not job_ids:
+        return []
+    rows = conn.execute(
+        update(jobs)
+        .where(
+            jobs.c.id.in_(job_ids),
+            jobs.c.run_id == run_id,
+            jobs.c.tenant_id == tenant_id,
+            jobs.c.state == JobState.QUEUED.value,
+        )
+        .values(
+            state=JobState.IN_PROGRESS.value,
+            lease_epoch=lease_epoch,
+            slot_token=slot_token,
+            started_at=now,
+        )
+        .returning(*jobs.c)
+    ).all()
+    return [_job_from_row(r) for r in sorted(rows, key=lambda r: r.seq)]
+
+
+def in_progress_slots(conn: Connection, *, tenant_id: str | None) -> dict[str, list[HeldSlot]]:
+    """The slot of every job in progress, by tenant (every tenant when ``tenant_id`` is None)."""
+    query = select(
+        jobs.c.tenant_id, jobs.c.run_id, jobs.c.lease_epoch, jobs.c.id, jobs.c.slot_token
+    ).where(jobs.c.state == JobState.IN_PROGRESS.value)
+    if tenant_id is not None:
+        query = query.where(jobs.c.tenant_id == tenant_id)
+    found: dict[str, list[HeldSlot]] = {}
+    for row in conn.execute(query):
+        found.setdefault(row.tenant_id, []).append(_slot_of(row))
+    return found
+
+
 def take_queued(
     conn: Connection, run_id: str, *, tenant_id: str, lease_epoch: int, limit: int, now: datetime
 ) -> list[Job]:
@@ -90,20 +155,26 @@ def take_queued(
 @dataclass(frozen=True)
 class FailedJobs:
     queued: int
-    in_progress: int
+    freed: list[HeldSlot]
+
+    @property
+    def in_progress(self) -> int:
+        return len(self.freed)
 
     @property
     def total(self) -> int:
         return self.queued + self.in_progress
 
 
-def fail_in_progress(conn: Connection, run_id: str, *, tenant_id: str, now: datetime) -> int:
-    """Jobs in progress under a lease that is gone fail as WORKER_LOST, freeing their slots.
+def fail_in_progress(
+    conn: Connection, run_id: str, *, tenant_id: str, now: datetime
+) -> list[HeldSlot]:
+    """Jobs in progress under a lease that is gone fail as WORKER_LOST; their slots are returned.
 
     The worker may still have run them: its result is accepted later, marked
     late, because the job keeps the ``lease_epoch`` that took it.
     """
-    return conn.execute(
+    rows = conn.execute(
         update(jobs)
         .where(
             jobs.c.run_id == run_id,
@@ -111,14 +182,16 @@ def fail_in_progress(conn: Connection, run_id: str, *, tenant_id: str, now: date
             jobs.c.state == JobState.IN_PROGRESS.value,
         )
         .values(state=JobState.FAILED.value, stop_reason=StopReason.WORKER_LOST.value, ended_at=now)
-    ).rowcount
+        .returning(jobs.c.run_id, jobs.c.lease_epoch, jobs.c.id, jobs.c.slot_token)
+    ).all()
+    return [_slot_of(r) for r in rows]
 
 
 def fail_unfinished(
     conn: Connection, run_id: str, *, tenant_id: str, reason: str, now: datetime
 ) -> FailedJobs:
     """When a run ends early: queued jobs fail with its reason, in-progress ones WORKER_LOST."""
-    in_progress = fail_in_progress(conn, run_id, tenant_id=tenant_id, now=now)
+    freed = fail_in_progress(conn, run_id, tenant_id=tenant_id, now=now)
     queued = conn.execute(
         update(jobs)
         .where(
@@ -128,7 +201,7 @@ def fail_unfinished(
         )
         .values(state=JobState.FAILED.value, stop_reason=reason, ended_at=now)
     ).rowcount
-    return FailedJobs(queued=queued, in_progress=in_progress)
+    return FailedJobs(queued=queued, freed=freed)
 
 
 @dataclass(frozen=True)
@@ -165,8 +238,10 @@ def record_result(
     error: str | None,
     late: bool,
     now: datetime,
-) -> bool:
-    """Record one result of a job this lease took.
+) -> HeldSlot | None:
+    """Record one result of a job this lease took; its slot, or None if nothing matched.
+
+    A late result frees no slot: the job's slot was freed when it failed.
 
     On time: the job must still be in progress under this lease. Late: it
     must have been failed as WORKER_LOST when its run ended, and have no
@@ -181,7 +256,7 @@ def record_result(
         )
     else:
         held = jobs.c.state == JobState.IN_PROGRESS.value
-    result = conn.execute(
+    row = conn.execute(
         update(jobs)
         .where(
             jobs.c.id == job_id,
@@ -197,8 +272,9 @@ def record_result(
             stop_reason=None,
             ended_at=now,
         )
-    )
-    return result.rowcount == 1
+        .returning(jobs.c.run_id, jobs.c.lease_epoch, jobs.c.id, jobs.c.slot_token)
+    ).one_or_none()
+    return _slot_of(row) if row is not None else None
 
 
 def list_for_run(conn: Connection, run_id: str, *, tenant_id: str) -> list[Job]:

@@ -115,6 +115,9 @@ jobs = Table(
     Column("error", Text),
     # The lease epoch that took the job; a late result must come from it.
     Column("lease_epoch", BigInteger),
+    # Names the concurrency slot the job holds while in progress (with run,
+    # epoch and job id), so that releasing it can never free another grant.
+    Column("slot_token", String(32)),
     Column("late", Boolean, nullable=False, server_default=text("false")),
     Column("created_at", UtcDateTime, nullable=False),
     Column("started_at", UtcDateTime),
@@ -138,4 +141,20 @@ audit_events = Table(
     Column("detail", Text, nullable=False, server_default=text("'{}'")),
     Index("ix_audit_events_run_id", "run_id"),
     Index("ix_audit_events_tag_created_at", "tag", "created_at"),
+)
+
+# The slot-release outbox: written in the transaction that moves jobs out of
+# progress, applied to the slot store (Redis) by a relay after commit, and
+# deleted once applied. ``members`` are the exact slot names, one per line.
+slot_releases = Table(
+    "slot_releases",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant_id", String(128), nullable=False),
+    Column("run_id", String(36)),
+    Column("cause", String(32), nullable=False),
+    Column("members", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
 )

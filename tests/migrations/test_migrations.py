@@ -82,14 +82,14 @@ def table_names(engine: sa.Engine) -> set[str]:
 def test_upgrade_to_head(url: str, db_engine: sa.Engine) -> None:
     assert migrate.current(url) is None
     migrate.upgrade(url)
-    assert migrate.current(url) == "0001"
+    assert migrate.current(url) == "0002"
     assert table_names(db_engine) == set(metadata.tables)
 
 
 def test_upgrade_twice_is_a_no_op(url: str) -> None:
     migrate.upgrade(url)
     migrate.upgrade(url)
-    assert migrate.current(url) == "0001"
+    assert migrate.current(url) == "0002"
 
 
 def test_migrated_database_matches_the_metadata(url: str) -> None:
@@ -126,7 +126,7 @@ def test_downgrade_to_base_and_upgrade_again(url: str, db_engine: sa.Engine) -> 
     assert table_names(db_engine) == set()
 
     migrate.upgrade(url)
-    assert migrate.current(url) == "0001"
+    assert migrate.current(url) == "0002"
     assert table_names(db_engine) == set(metadata.tables)
     migrate.check(url)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -254,3 +255,42 @@ def test_tls_files_go_together(tmp_path: Path) -> None:
 def test_message_size_stays_under_grpc_default() -> None:
     with pytest.raises(settings.SettingsError, match="RUNSVC_GRPC_MAX_MESSAGE_BYTES"):
         settings.load({"RUNSVC_GRPC_MAX_MESSAGE_BYTES": str(8 * 1024 * 1024)})
+
+
+def test_redis_slot_settings() -> None:
+    assert settings.load({}).redis_url == ""
+    loaded = settings.load(
+        {
+            "RUNSVC_REDIS_URL": "redis://127.0.0.1:6379/2",
+            "RUNSVC_REDIS_KEY_PREFIX": "acme:",
+            "RUNSVC_SLOT_TTL_SECONDS": "90",
+            "RUNSVC_SLOT_ORPHAN_GRACE_SECONDS": "5",
+            "RUNSVC_SLOT_RECONCILE_INTERVAL_SECONDS": "15",
+            "RUNSVC_SLOT_RELAY_MAX_BACKOFF_SECONDS": "3",
+            "RUNSVC_TESTONLY_HOLD_SLOT_RELEASES": "true",
+        }
+    )
+    assert (loaded.redis_url, loaded.redis_key_prefix, loaded.slot_ttl_seconds) == (
+        "redis://127.0.0.1:6379/2",
+        "acme:",
+        90.0,
+    )
+    assert loaded.testonly_hold_slot_releases is True
+    assert settings.load({}).testonly_hold_slot_releases is False
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"RUNSVC_REDIS_URL": "http://x"}, "RUNSVC_REDIS_URL=(hidden)"),
+        ({"RUNSVC_REDIS_KEY_PREFIX": "a b"}, "RUNSVC_REDIS_KEY_PREFIX"),
+        ({"RUNSVC_TESTONLY_HOLD_SLOT_RELEASES": "yes"}, "RUNSVC_TESTONLY_HOLD_SLOT_RELEASES"),
+        (
+            {"RUNSVC_REDIS_URL": "redis://h:1/0", "RUNSVC_SLOT_TTL_SECONDS": "30"},
+            "RUNSVC_SLOT_TTL_SECONDS must be longer",
+        ),
+    ],
+)
+def test_bad_redis_slot_settings(env: dict[str, str], named: str) -> None:
+    with pytest.raises(settings.SettingsError, match=re.escape(named)):
+        settings.load(env)

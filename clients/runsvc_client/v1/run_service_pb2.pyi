@@ -313,11 +313,13 @@ class ForceCancelRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ForceCancelResponse(_message.Message):
-    __slots__ = ("run", "cancelled_jobs", "released_slots")
+    __slots__ = ("run", "cancelled_jobs", "released_slots", "pending_slot_releases")
     RUN_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_JOBS_FIELD_NUMBER: _ClassVar[int]
     RELEASED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_SLOT_RELEASES_FIELD_NUMBER: _ClassVar[int]
     run: Run
     cancelled_jobs: int
     released_slots: int
-    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., cancelled_jobs: _Optional[int] = ..., released_slots: _Optional[int] = ...) -> None: ...
+    pending_slot_releases: int
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., cancelled_jobs: _Optional[int] = ..., released_slots: _Optional[int] = ..., pending_slot_releases: _Optional[int] = ...) -> None: ...

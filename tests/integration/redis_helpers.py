@@ -1,0 +1,86 @@
+"""Services on the Redis slot backend, and direct looks at Redis and at the tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from sqlalchemy import func, select
+
+from runsvc.clock import Clock
+from runsvc.domain import JobSpec, LivenessPolicy
+from runsvc.redisslots import sync as slot_sync
+from runsvc.service import RunService
+from runsvc.service.worker import Acquired, Claim
+from runsvc.slots import SlotLimits
+from runsvc.store.engine import Database, make_engine
+from runsvc.store.schema import jobs, slot_releases
+from tests.conftest import BACKEND, WORKER
+
+
+@dataclass
+class Replica:
+    service: RunService
+    sync: slot_sync.SlotSync
+
+    def close(self) -> None:
+        self.sync.store.client.close()
+        self.service.context.db.dispose()
+
+
+def replica(
+    db_url: str,
+    clock: Clock,
+    *,
+    redis_url: str,
+    prefix: str,
+    limits: SlotLimits,
+    **config: object,
+) -> Replica:
+    db = Database(make_engine(db_url))
+    cfg = slot_sync.RedisSlotConfig(url=redis_url, key_prefix=prefix, **config)  # type: ignore[arg-type]
+    sync = slot_sync.build(db, clock, limits, cfg)
+    service = RunService(db=db, clock=clock, slots=sync.slots, policy=LivenessPolicy())
+    return Replica(service, sync)
+
+
+def live(client: redis.Redis, prefix: str, tenant: str) -> set[str]:
+    return {str(m) for m in client.zrange(f"{prefix}slots:{tenant}", 0, -1)}
+
+
+def in_progress(service: RunService, tenant: str | None = None) -> int:
+    def read(conn: object) -> int:
+        query = select(func.count()).where(jobs.c.state == "IN_PROGRESS")
+        if tenant is not None:
+            query = query.where(jobs.c.tenant_id == tenant)
+        return int(conn.execute(query).scalar_one())  # type: ignore[attr-defined]
+
+    return service.context.db.run(read)  # type: ignore[arg-type]
+
+
+def outbox_rows(service: RunService) -> int:
+    return service.context.db.run(
+        lambda conn: int(conn.execute(select(func.count()).select_from(slot_releases)).scalar_one())
+    )
+
+
+def start_run(service: RunService, tenant: str, jobs_count: int, *, worker: str = "w") -> Claim:
+    service.backend.create_run(
+        tenant_id=tenant,
+        request_id=f"req-{tenant}-{worker}",
+        jobs=[JobSpec(f"j{i}", b"") for i in range(jobs_count)],
+        caller=BACKEND,
+    )
+    claim = service.worker.claim_run(tenant_id=tenant, worker_id=worker, caller=WORKER)
+    assert claim is not None
+    return claim
+
+
+def acquire(service: RunService, tenant: str, claim: Claim, n: int) -> Acquired:
+    return service.worker.acquire_jobs(
+        tenant_id=tenant,
+        run_id=claim.run.id,
+        lease_epoch=claim.lease_epoch,
+        max_jobs=n,
+        caller=WORKER,
+    )
