@@ -20,7 +20,11 @@ class Tenant:
     tenant: str
 
     def _meta(self, role: str) -> list[tuple[str, str]]:
-        issued = tokens.issue(self.secret, role=role, tenant_id=self.tenant, ttl_seconds=600)
+        # Worker ids below are "slot-worker/<run>": the token's subject is their prefix.
+        subject = "slot-worker" if role == "worker" else None
+        issued = tokens.issue(
+            self.secret, role=role, tenant_id=self.tenant, ttl_seconds=600, subject=subject
+        )
         return [("authorization", f"Bearer {issued}")]
 
     def backend(self, rpc: str, request: object, *, timeout: float = CALL_TIMEOUT) -> object:
@@ -37,7 +41,7 @@ class Tenant:
                 jobs=[pb.JobSpec(external_id=f"j{i}", payload=b"x") for i in range(jobs)],
             ),
         )
-        claim = self.worker("ClaimRun", pb.ClaimRunRequest(worker_id=f"w-{request_id}"))
+        claim = self.worker("ClaimRun", pb.ClaimRunRequest(worker_id=f"slot-worker/{request_id}"))
         assert isinstance(claim, pb.ClaimRunResponse)
         return claim.run.id, claim.lease_epoch
 
