@@ -21,7 +21,7 @@ from runsvc.api.auth import SERVICE, AuthInterceptor
 from runsvc.api.servicer import RunServiceServicer
 from runsvc.clock import Clock
 from runsvc.reaper import Reaper
-from runsvc.service import RunService
+from runsvc.service import GroupCommit, RunService
 from runsvc.settings import Settings
 from runsvc.slots import StoreSlots
 from runsvc.store import migrate
@@ -57,8 +57,20 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Components:
         clock=clock or DatabaseClock(),
         slots=StoreSlots(settings.slot_limits()),
         policy=settings.liveness(),
+        group_commit=group_commit(settings),
     )
     return Components(settings, db, service, Reaper(service.context))
+
+
+def group_commit(settings: Settings) -> GroupCommit | None:
+    """How heartbeats are batched; None writes each with its own statement."""
+    if not settings.heartbeat_group_commit:
+        return None
+    return GroupCommit(
+        max_batch=settings.heartbeat_batch_max,
+        max_delay=settings.heartbeat_batch_delay_seconds,
+        max_queue=settings.heartbeat_queue_max,
+    )
 
 
 class Server:
@@ -112,6 +124,7 @@ class Server:
         self._stop_reaper.set()
         grace = self.components.settings.shutdown_grace_seconds if grace is None else grace
         self._grpc.stop(grace).wait()
+        self.components.service.close()
         if self._reaper_thread.is_alive():
             self._reaper_thread.join(timeout=grace + 5)
         self.components.db.dispose()

@@ -40,6 +40,10 @@ class Settings:
     grpc_max_workers: int = 32
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    heartbeat_group_commit: bool = True
+    heartbeat_batch_max: int = 256
+    heartbeat_batch_delay_seconds: float = 0.002
+    heartbeat_queue_max: int = 4096
 
     @property
     def effective_database_url(self) -> str:
@@ -102,6 +106,20 @@ def _secret(raw: str) -> str:
     return raw
 
 
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError("must be true or false")
+    return value in {"true", "1", "yes"}
+
+
+def _short_delay(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError("must be a number of seconds from 0 to 1")
+    return value
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -123,6 +141,10 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_GRPC_MAX_WORKERS": ("grpc_max_workers", _positive_int),
     "RUNSVC_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
     "RUNSVC_LOG_LEVEL": ("log_level", _log_level),
+    "RUNSVC_HEARTBEAT_GROUP_COMMIT": ("heartbeat_group_commit", _flag),
+    "RUNSVC_HEARTBEAT_BATCH_MAX": ("heartbeat_batch_max", _positive_int),
+    "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS": ("heartbeat_batch_delay_seconds", _short_delay),
+    "RUNSVC_HEARTBEAT_QUEUE_MAX": ("heartbeat_queue_max", _positive_int),
 }
 
 

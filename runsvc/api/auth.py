@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from runsvc import tokens
+from runsvc.api.token_cache import VerifiedTokens
 from runsvc.errors import FieldViolation, InvalidArgument, PermissionDenied
 from runsvc.tokens import Principal
 
@@ -81,6 +82,7 @@ def _bearer(metadata: Any) -> str | None:
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, secret: str) -> None:
         self._secret = secret
+        self._tokens = VerifiedTokens(secret)
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -97,7 +99,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             try:
                 if token is None:
                     raise tokens.Unauthenticated("missing bearer token")
-                principal = tokens.verify(self._secret, token)
+                principal = self._tokens.verify(token)
             except tokens.Unauthenticated as refused:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, refused.message)
                 raise  # pragma: no cover - abort raises

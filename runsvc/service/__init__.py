@@ -6,6 +6,7 @@ from runsvc.clock import Clock
 from runsvc.domain import LivenessPolicy
 from runsvc.service.backend import BackendUseCases
 from runsvc.service.context import Caller, Context
+from runsvc.service.heartbeats import GroupCommit, Heartbeats
 from runsvc.service.worker import WorkerUseCases
 from runsvc.slots import Slots
 from runsvc.store.engine import Database
@@ -23,11 +24,17 @@ class RunService:
         slots: Slots,
         policy: LivenessPolicy,
         limits: Limits | None = None,
+        group_commit: GroupCommit | None = None,
     ) -> None:
         self.context = Context(db=db, clock=clock, slots=slots, policy=policy)
         limits = limits or Limits()
-        self.worker = WorkerUseCases(self.context, limits)
+        self.heartbeats = Heartbeats(self.context, group_commit=group_commit)
+        self.worker = WorkerUseCases(self.context, limits, self.heartbeats)
         self.backend = BackendUseCases(self.context, limits)
 
+    def close(self) -> None:
+        """Write what is still queued (heartbeats); call after the last request was served."""
+        self.heartbeats.close()
 
-__all__ = ["Caller", "RunService"]
+
+__all__ = ["Caller", "GroupCommit", "RunService"]

@@ -24,6 +24,7 @@ from runsvc.domain import (
 )
 from runsvc.errors import FailedPrecondition, FieldViolation, InvalidArgument, LeaseLost
 from runsvc.service.context import Caller, Context, Notes
+from runsvc.service.heartbeats import Heartbeats
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
 from runsvc.validation import Checker, Limits, check_results
@@ -77,9 +78,10 @@ _FINISH_REASONS: dict[RunOutcome, StopReason | None] = {
 
 
 class WorkerUseCases:
-    def __init__(self, ctx: Context, limits: Limits) -> None:
+    def __init__(self, ctx: Context, limits: Limits, heartbeats: Heartbeats | None = None) -> None:
         self._ctx = ctx
         self._limits = limits
+        self.heartbeats = heartbeats or Heartbeats(ctx)
 
     def claim_run(self, *, tenant_id: str | None, worker_id: str, caller: Caller) -> Claim | None:
         check = Checker()
@@ -117,18 +119,10 @@ class WorkerUseCases:
         self, *, tenant_id: str | None, run_id: str, lease_epoch: int, caller: Caller
     ) -> HeartbeatAck:
         self._check_lease(run_id, lease_epoch).done()
-
-        def work(conn: Connection, now: datetime, notes: Notes) -> HeartbeatAck:
-            row = run_store.touch_lease(
-                conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch, now=now
-            )
-            if row is None:
-                raise self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, lease_epoch=lease_epoch
-                )
-            return HeartbeatAck(bool(row.cancel_requested), self._ctx.policy.stale_time(now))
-
-        return self._ctx.transact(work, caller=caller)
+        beat = self.heartbeats.record(
+            run_store.LeaseTouch(run_id, tenant_id, lease_epoch), caller=caller
+        )
+        return HeartbeatAck(beat.touched.cancel_requested, self._ctx.policy.stale_time(beat.now))
 
     def acquire_jobs(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -42,3 +42,28 @@ def for_run(conn: Connection, run_id: str, *, tenant_id: str | None) -> list[dic
         query = query.where(audit_events.c.tenant_id == tenant_id)
     rows = conn.execute(query.order_by(audit_events.c.id))
     return [{**row._asdict(), "detail": json.loads(row.detail)} for row in rows]
+
+
+def record_many(conn: Connection, events: Sequence[Mapping[str, Any]], *, now: datetime) -> None:
+    """Several rows as :func:`record` writes them, in one statement.
+
+    Each event holds ``tag``, ``action``, ``tenant_id``, ``run_id``, ``actor``
+    and ``detail``.
+    """
+    if not events:
+        return
+    conn.execute(
+        audit_events.insert(),
+        [
+            {
+                "created_at": now,
+                "tag": e["tag"],
+                "action": e["action"],
+                "tenant_id": e["tenant_id"],
+                "run_id": e["run_id"],
+                "actor": e["actor"],
+                "detail": json.dumps(dict(e["detail"] or {}), sort_keys=True, default=str),
+            }
+            for e in events
+        ],
+    )

@@ -13,15 +13,19 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Connection,
     Row,
+    String,
     and_,
+    column,
     func,
     literal,
     or_,
     select,
     update,
+    values,
 )
 from sqlalchemy import exc as sa_exc
 
@@ -40,6 +44,18 @@ from runsvc.store.schema import jobs, runs
 
 # The seed's fallback: a run with no heartbeat is judged by its lock, then by its last update.
 last_sign_of_life = func.coalesce(runs.c.last_heartbeat_at, runs.c.lock_ts, runs.c.updated_at)
+
+
+# ``last_sign_of_life < t`` spelled so that an index on ``last_heartbeat_at``
+# serves it: the heartbeat when there is one, else the seed's fallbacks.
+def _silent_before(since: datetime) -> ColumnElement[bool]:
+    return or_(
+        runs.c.last_heartbeat_at < since,
+        and_(
+            runs.c.last_heartbeat_at.is_(None),
+            func.coalesce(runs.c.lock_ts, runs.c.updated_at) < since,
+        ),
+    )
 
 
 _has_unfinished_jobs = (
@@ -350,11 +366,15 @@ class SilentRun:
 
 
 def find_silent(conn: Connection, *, silent_since: datetime, limit: int) -> list[SilentRun]:
-    """Running runs with no sign of life since ``silent_since``, oldest first."""
+    """Running runs with no sign of life since ``silent_since``, oldest first.
+
+    Served by the partial index on running runs' heartbeats: it reads the
+    silent runs only, however many runs are running or in the history.
+    """
     rows = conn.execute(
         select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
-        .where(runs.c.state == RunState.RUNNING.value, last_sign_of_life < silent_since)
-        .order_by(last_sign_of_life)
+        .where(runs.c.state == RunState.RUNNING.value, _silent_before(silent_since))
+        .order_by(last_sign_of_life, runs.c.id)
         .limit(limit)
     )
     return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
@@ -385,9 +405,141 @@ def find_silent_with_nothing_left(
         select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
         .where(
             runs.c.state == RunState.RUNNING.value,
-            last_sign_of_life < silent_since,
+            _silent_before(silent_since),
             ~_has_unfinished_jobs,
         )
         .limit(limit)
     )
     return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
+
+
+@dataclass(frozen=True)
+class LeaseTouch:
+    """One heartbeat of a batch: the run, its caller's tenant scope, and the lease it claims.
+
+    ``tenant_id`` is the scope, as everywhere in the store (None: any tenant).
+    Every other field is a guard that must equal the run's column of the same
+    name; to guard on one more column, add a field here and its name and type
+    to ``_TOUCH_GUARDS``.
+    """
+
+    run_id: str
+    tenant_id: str | None
+    lease_epoch: int
+
+
+_TOUCH_GUARDS: dict[str, type[BigInteger] | type[String]] = {"lease_epoch": BigInteger}
+
+
+@dataclass(frozen=True)
+class Touched:
+    run_id: str
+    tenant_id: str
+    cancel_requested: bool
+    guards: tuple[Any, ...]  # the run's values of the _TOUCH_GUARDS columns
+
+    def answers(self, touch: LeaseTouch) -> bool:
+        """Whether this updated row is the run and lease ``touch`` asked for.
+
+        The row was RUNNING with these values when it was updated, so every
+        touch of the batch that names them held its guard too.
+        """
+        return (
+            touch.run_id == self.run_id
+            and touch.tenant_id in (None, self.tenant_id)
+            and tuple(getattr(touch, name) for name in _TOUCH_GUARDS) == self.guards
+        )
+
+
+def touch_leases(
+    conn: Connection, touches: Sequence[LeaseTouch], *, now: datetime
+) -> list[Touched]:
+    """:func:`touch_lease` for many runs in one guarded statement (group commit).
+
+    ``UPDATE runs … FROM (VALUES …) WHERE id, scope, guards match AND state =
+    RUNNING RETURNING …``: each run row is updated at most once, and a touch
+    whose lease is not current matches nothing. The rows come back in no
+    particular order; :meth:`Touched.answers` pairs them with the touches.
+    The tenant scope rides in each row of the VALUES list, like the guards.
+    """
+    if not touches:
+        return []
+    # Sorted and distinct: runs are locked in one order by every batch.
+    unique = sorted(set(touches), key=lambda t: (t.run_id, t.tenant_id or ""))
+    given = values(
+        column("run_id", String),
+        column("tenant_id", String),
+        *(column(name, kind) for name, kind in _TOUCH_GUARDS.items()),
+        name="touch",
+    ).data([(t.run_id, t.tenant_id, *(getattr(t, name) for name in _TOUCH_GUARDS)) for t in unique])
+    # A CTE rather than FROM (VALUES …) AS v(…): SQLite takes only this form.
+    touch = given.cte("touch")
+    rows = conn.execute(
+        update(runs)
+        .where(
+            runs.c.id == touch.c.run_id,
+            or_(touch.c.tenant_id.is_(None), runs.c.tenant_id == touch.c.tenant_id),
+            *(runs.c[name] == touch.c[name] for name in _TOUCH_GUARDS),
+            runs.c.state == RunState.RUNNING.value,
+        )
+        .values(last_heartbeat_at=now, updated_at=now)
+        .returning(
+            runs.c.id,
+            runs.c.tenant_id,
+            runs.c.cancel_requested,
+            *(runs.c[name] for name in _TOUCH_GUARDS),
+        )
+    ).all()
+    return [
+        Touched(
+            r.id,
+            r.tenant_id,
+            bool(r.cancel_requested),
+            tuple(r._mapping[name] for name in _TOUCH_GUARDS),
+        )
+        for r in rows
+    ]
+
+
+def finalize_many(
+    conn: Connection,
+    run_ids: Sequence[str],
+    *,
+    tenant_id: str | None,
+    event: Event,
+    reason: str | None,
+    now: datetime,
+    guard: Guard,
+) -> list[Row[Any]]:
+    """:func:`finalize` for many runs in one guarded statement; the rows it ended.
+
+    For fleet-wide finalizations (the reaper): the guard may re-check silence
+    and the cancel request, never a lease (no caller holds one here).
+    """
+    if guard.lease_epoch is not None or guard.nothing_unfinished:
+        raise ValueError("finalize_many takes no lease or unfinished-jobs guard")
+    if not run_ids:
+        return []
+    conditions = [runs.c.id.in_(sorted(set(run_ids))), _scoped(tenant_id)]
+    conditions.append(_state_in(sources(event)))
+    if guard.silent_since is not None:
+        conditions.append(_silent_before(guard.silent_since))
+    if guard.cancel_requested is not None:
+        conditions.append(runs.c.cancel_requested.is_(guard.cancel_requested))
+    if guard.cancel_requested_before is not None:
+        conditions.append(runs.c.cancel_requested_at < guard.cancel_requested_before)
+    return conn.execute(
+        update(runs)
+        .where(*conditions)
+        .values(
+            state=target(event).value,
+            stop_reason=reason,
+            error=None,
+            ended_at=now,
+            updated_at=now,
+            worker_id=None,
+            lock_ts=None,
+            lease_epoch=runs.c.lease_epoch + 1,
+        )
+        .returning(runs.c.id, runs.c.tenant_id, runs.c.state, runs.c.cancel_requested)
+    ).all()  # type: ignore[return-value]
