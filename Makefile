@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 PY_SOURCES += $(wildcard bench)
 
-.PHONY: bench help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean
+.PHONY: bench bench-history bench-soak help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -75,3 +75,9 @@ clean: ## Remove the venv, node_modules and caches
 	rm -rf $(VENV) node_modules build dist .pytest_cache .ruff_cache .mypy_cache
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
 	find . -name '*.egg-info' -type d -prune -not -path './.git/*' -exec rm -rf {} +
+
+bench-history: $(INSTALL_STAMP) services ## Benchmark with 10k and 1M historical runs side by side (~10 min)
+	$(VENV_PY) -m bench.history $(BENCH_ARGS)
+
+bench-soak: $(INSTALL_STAMP) services ## The benchmark plus 10 minutes of heartbeats, server RSS sampled
+	$(VENV_PY) -m bench.run --soak 600 --output bench/results/soak.json $(BENCH_ARGS)

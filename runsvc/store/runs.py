@@ -19,6 +19,8 @@ from sqlalchemy import (
     Row,
     String,
     and_,
+    bindparam,
+    cast,
     column,
     func,
     literal,
@@ -28,6 +30,7 @@ from sqlalchemy import (
     values,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from runsvc.domain import (
     ACTIVE_STATES,
@@ -451,29 +454,45 @@ class Touched:
         )
 
 
+def _touch_source(conn: Connection, unique: Sequence[LeaseTouch]) -> tuple[Any, dict[str, Any]]:
+    """The touches as a table ``touch(run_id, tenant_id, <guards>)`` and its parameters.
+
+    PostgreSQL gets one array per column through ``unnest``: the statement's
+    text is the same for every batch, so it is compiled once and cached
+    (building a VALUES list anew costs more than the write). SQLite, which
+    has no arrays, gets a VALUES list in a CTE.
+    """
+    kinds: dict[str, Any] = {"run_id": String, "tenant_id": String, **_TOUCH_GUARDS}
+    rows = [(t.run_id, t.tenant_id, *(getattr(t, name) for name in _TOUCH_GUARDS)) for t in unique]
+    if is_postgres(conn):
+        arrays = {f"touch_{name}": [row[i] for row in rows] for i, name in enumerate(kinds)}
+        source = (
+            func.unnest(*(cast(bindparam(f"touch_{n}"), ARRAY(k)) for n, k in kinds.items()))
+            .table_valued(*kinds)
+            .render_derived(name="touch")
+        )
+        return source, arrays
+    given = values(*(column(name, kind) for name, kind in kinds.items()), name="touch")
+    # A CTE rather than FROM (VALUES …) AS v(…): SQLite takes only this form.
+    return given.data(rows).cte("touch"), {}
+
+
 def touch_leases(
     conn: Connection, touches: Sequence[LeaseTouch], *, now: datetime
 ) -> list[Touched]:
     """:func:`touch_lease` for many runs in one guarded statement (group commit).
 
-    ``UPDATE runs … FROM (VALUES …) WHERE id, scope, guards match AND state =
-    RUNNING RETURNING …``: each run row is updated at most once, and a touch
+    ``UPDATE runs … FROM unnest(…) | (VALUES …) WHERE id, scope, guards match
+    AND state = RUNNING RETURNING …``: each run row is updated at most once, and a touch
     whose lease is not current matches nothing. The rows come back in no
     particular order; :meth:`Touched.answers` pairs them with the touches.
-    The tenant scope rides in each row of the VALUES list, like the guards.
+    The tenant scope rides in each row of the touches, like the guards.
     """
     if not touches:
         return []
     # Sorted and distinct: runs are locked in one order by every batch.
     unique = sorted(set(touches), key=lambda t: (t.run_id, t.tenant_id or ""))
-    given = values(
-        column("run_id", String),
-        column("tenant_id", String),
-        *(column(name, kind) for name, kind in _TOUCH_GUARDS.items()),
-        name="touch",
-    ).data([(t.run_id, t.tenant_id, *(getattr(t, name) for name in _TOUCH_GUARDS)) for t in unique])
-    # A CTE rather than FROM (VALUES …) AS v(…): SQLite takes only this form.
-    touch = given.cte("touch")
+    touch, params = _touch_source(conn, unique)
     rows = conn.execute(
         update(runs)
         .where(
@@ -488,7 +507,8 @@ def touch_leases(
             runs.c.tenant_id,
             runs.c.cancel_requested,
             *(runs.c[name] for name in _TOUCH_GUARDS),
-        )
+        ),
+        params,
     ).all()
     return [
         Touched(
