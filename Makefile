@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 PY_SOURCES += $(wildcard bench)
 
-.PHONY: bench help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
+.PHONY: bench bench-history bench-soak help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -87,3 +87,9 @@ monitoring-tools: ## Install promtool and amtool (Debian packages) if missing
 bench-metrics: $(INSTALL_STAMP) ## Scrape /metrics with 100,000 runs in a fresh PostgreSQL database
 	@bash scripts/services.sh
 	$(VENV_PY) tools/bench_metrics.py $(BENCH_ARGS)
+
+bench-history: $(INSTALL_STAMP) services ## Benchmark with 10k and 1M historical runs side by side (~10 min)
+	$(VENV_PY) -m bench.history $(BENCH_ARGS)
+
+bench-soak: $(INSTALL_STAMP) services ## The benchmark plus 10 minutes of heartbeats, server RSS sampled
+	$(VENV_PY) -m bench.run --soak 600 --output bench/results/soak.json $(BENCH_ARGS)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -84,7 +85,7 @@ FROM generate_series(1, :n) AS g
 LIVE_SQL = """
 INSERT INTO runs (id, tenant_id, request_id, state, cancel_requested, worker_id, lease_epoch,
                   lock_ts, last_heartbeat_at, created_at, started_at, updated_at)
-SELECT md5('live' || g)::uuid::text, :prefix || g, 'live-' || g, 'RUNNING', false,
+SELECT md5(:prefix || g)::uuid::text, :prefix || g, 'live-' || g, 'RUNNING', false,
        'bench-worker-' || g, 1,
        now() - :age * interval '1 second', now() - :age * interval '1 second',
        now() - interval '1 hour', now() - interval '1 hour', now() - :age * interval '1 second'
@@ -93,7 +94,8 @@ FROM generate_series(:first, :last) AS g
 
 LIVE_JOBS_SQL = """
 INSERT INTO jobs (id, run_id, tenant_id, seq, external_id, payload, state, late, created_at)
-SELECT md5('j' || g || '-' || s)::uuid::text, md5('live' || g)::uuid::text, :prefix || g, s,
+SELECT md5(:prefix || 'j' || g || '-' || s)::uuid::text, md5(:prefix || g)::uuid::text,
+       :prefix || g, s,
        'call-' || s, '\\x00'::bytea, 'QUEUED', false, now()
 FROM generate_series(:first, :last) AS g, generate_series(1, :jobs) AS s
 """
@@ -240,10 +242,17 @@ def worker_flow(server: ServerProcess, jobs: int) -> dict[str, Any]:
     return {"jobs": done, "calls": calls, "seconds": elapsed, "jobs_per_second": done / elapsed}
 
 
+RETIRE_LIVE_SQL = """
+UPDATE runs SET state = 'COMPLETED', ended_at = now(), worker_id = NULL, lock_ts = NULL
+WHERE state IN ('PENDING', 'RUNNING')
+"""
+
+
 def reaper_passes(url: str, workdir: Path, *, running: int, stale: int) -> dict[str, Any]:
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE runs, jobs, audit_events"))
+        # The measured runs join the history, which stays: a pass must not care.
+        conn.execute(text(RETIRE_LIVE_SQL))
         fresh = {"prefix": "reap-", "first": 0, "last": running - stale - 1, "age": 1}
         old = {"prefix": "reap-", "first": running - stale, "last": running - 1, "age": 3600}
         conn.execute(text(LIVE_SQL), fresh)
@@ -260,6 +269,7 @@ def reaper_passes(url: str, workdir: Path, *, running: int, stale: int) -> dict[
         second = components.reaper.pass_once()
         idle = time.perf_counter() - started
     finally:
+        components.service.close()
         components.db.dispose()
     return {
         "running": running,
@@ -301,6 +311,18 @@ def table(result: dict[str, Any]) -> str:
             f"| {name} | {row['throughput']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
             f"{row['server_cpu_us_per_call']:,.0f} | {row['throughput'] / ceiling:.2f} |"
         )
+    naive = result["paths"].get("Heartbeat(naive)@64")
+    if naive:
+        grouped = result["paths"]["Heartbeat@64"]["throughput"]
+        lines.append(
+            f"\ngroup commit / naive at 64 in flight: {grouped / naive['throughput']:.2f}x"
+        )
+    if "soak" in result:
+        soaked = result["soak"]
+        lines.append(
+            f"soak: {soaked['seconds']:.0f} s of Heartbeat@64 at {soaked['throughput']:,.0f}/s; "
+            f"RSS after warm-up changed {soaked['rss_settled_change'] * 100:+.1f}%"
+        )
     flow = result["worker_flow"]
     reap = result["reaper"]
     lines += [
@@ -314,55 +336,158 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get(
-            "RUNSVC_BENCH_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-        ),
-    )
-    parser.add_argument("--history", type=int, default=10_000, help="historical runs to load")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
-    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
-    args = parser.parse_args()
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
-    url = create_database(args.database_url)
+
+def load_average() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+PLAN = [
+    ("Check", 64),
+    ("Heartbeat", 16),
+    ("Heartbeat", 64),
+    ("Heartbeat", 256),
+    ("GetActive", 64),
+    ("GetRun", 64),
+]
+NAIVE_PLAN = [("Heartbeat", 64)]
+
+
+def measure_paths(
+    result: dict[str, Any],
+    server: ServerProcess,
+    plan: list[tuple[str, int]],
+    targets_file: Path,
+    duration: float,
+    *,
+    suffix: str = "",
+) -> None:
+    for rpc, concurrency in plan:
+        name = f"{rpc}{suffix}@{concurrency}"
+        before = rss_kib(server.process.pid)
+        row = drive(server, rpc, concurrency, targets_file, duration)
+        row["server_rss_kib"] = [before, rss_kib(server.process.pid)]
+        row["load_average"] = load_average()
+        result["paths"][name] = row
+        print(f"measured {name}", file=sys.stderr)
+
+
+def soak(server: ServerProcess, targets_file: Path, seconds: float) -> dict[str, Any]:
+    """Heartbeat@64 for ``seconds``, the server's RSS sampled every 10 s meanwhile."""
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def sample() -> None:
+        while not stop.wait(10):
+            samples.append((round(time.monotonic() - started), rss_kib(server.process.pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        row = drive(server, "Heartbeat", 64, targets_file, seconds)
+    finally:
+        stop.set()
+        sampler.join()
+    kib = [k for _, k in samples]
+    # The first minute is warm-up (caches, pools); flat means the rest stays put.
+    settled = [k for t, k in samples if t >= 60] or kib
+    return {
+        **row,
+        "seconds": seconds,
+        "rss_samples": samples,
+        "rss_settled_change": (settled[-1] - settled[0]) / settled[0] if settled else None,
+    }
+
+
+def measure(
+    database_url: str,
+    *,
+    history: int,
+    duration: float,
+    naive: bool,
+    soak_seconds: float = 0,
+    command: str = "",
+) -> dict[str, Any]:
+    """One full run on a fresh database; the result as written to JSON."""
+    url = create_database(database_url)
     result: dict[str, Any] = {
-        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+        "command": command,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
-        "history_runs": args.history,
+        "load_average_at_start": load_average(),
+        "history_runs": history,
         "paths": {},
     }
     try:
         with tempfile.TemporaryDirectory() as scratch:
             workdir = Path(scratch)
-            targets = load(url, history=args.history)
+            started = time.perf_counter()
+            targets = load(url, history=history)
+            result["load_seconds"] = time.perf_counter() - started
             targets_file = workdir / "targets.json"
             targets_file.write_text(json.dumps(targets))
             server = ServerProcess(url, workdir, extra_env={})
             try:
-                plan = [
-                    ("Check", 64),
-                    ("Heartbeat", 16),
-                    ("Heartbeat", 64),
-                    ("Heartbeat", 256),
-                    ("GetActive", 64),
-                    ("GetRun", 64),
-                ]
-                for rpc, concurrency in plan:
-                    name = f"{rpc}@{concurrency}"
-                    result["paths"][name] = drive(
-                        server, rpc, concurrency, targets_file, args.duration
-                    )
-                    print(f"measured {name}", file=sys.stderr)
+                measure_paths(result, server, PLAN, targets_file, duration)
                 result["worker_flow"] = worker_flow(server, 1000)
+                if soak_seconds:
+                    result["soak"] = soak(server, targets_file, soak_seconds)
             finally:
                 server.stop()
+            if naive:
+                # The same server with one UPDATE per heartbeat: what group commit buys.
+                naive_server = ServerProcess(
+                    url, workdir, extra_env={"RUNSVC_HEARTBEAT_GROUP_COMMIT": "false"}
+                )
+                try:
+                    measure_paths(
+                        result, naive_server, NAIVE_PLAN, targets_file, duration, suffix="(naive)"
+                    )
+                finally:
+                    naive_server.stop()
             result["reaper"] = reaper_passes(url, workdir, running=10_000, stale=1_000)
     finally:
-        drop_database(args.database_url, url)
+        drop_database(database_url, url)
+    return result
+
+
+def default_database_url() -> str:
+    return os.environ.get(
+        "RUNSVC_BENCH_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--database-url", default=default_database_url())
+    parser.add_argument("--history", type=int, default=10_000, help="historical runs to load")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument(
+        "--naive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure Heartbeat with group commit off (one UPDATE per call)",
+    )
+    parser.add_argument(
+        "--soak", type=float, default=0, help="seconds of Heartbeat@64 with RSS sampled (0: none)"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args()
+
+    result = measure(
+        args.database_url,
+        history=args.history,
+        duration=args.duration,
+        naive=args.naive,
+        soak_seconds=args.soak,
+        command=" ".join(["python -m bench.run", *sys.argv[1:]]),
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -84,6 +84,7 @@ def cmd_reap(args: argparse.Namespace) -> int:
         reaper = components.reaper
         report = reaper.startup_pass() if args.startup else reaper.pass_once(detected_by="cli")
     finally:
+        components.service.close()
         components.db.dispose()
     print(json.dumps({"ended": report.ended, "total": report.total}))
     return 0

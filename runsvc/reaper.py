@@ -1,9 +1,11 @@
 """The background finalizer: ends runs whose worker went silent.
 
-Every pass finds candidates in one short read, then ends each in its own
-transaction through the same guarded statement that reads use, re-checking
-silence with that transaction's clock: a heartbeat that lands in between
-wins, and replicas reaping at once cannot end a run twice.
+Every pass finds a batch of candidates in one short read (an index scan
+over the silent runs only), then ends the whole batch in one transaction:
+one guarded statement that re-checks silence with that transaction's clock
+(a heartbeat that lands in between wins, and replicas reaping at once cannot
+end a run twice), then the jobs and audit rows of the runs it ended, set by
+set.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class ReapReport:
 
 
 class Reaper:
-    def __init__(self, ctx: Context, *, batch_size: int = 200) -> None:
+    def __init__(self, ctx: Context, *, batch_size: int = 500) -> None:
         self._ctx = ctx
         self._batch = batch_size
 
@@ -107,32 +109,31 @@ class Reaper:
     ) -> None:
         while True:
             candidates = self._ctx.transact(lambda conn, now, notes: find(conn, now), caller=REAPER)
-            ended_any = False
-            for candidate in candidates:
+            if not candidates:
+                return
 
-                def work(
-                    conn: Connection,
-                    now: datetime,
-                    notes: Notes,
-                    c: run_store.SilentRun = candidate,
-                ) -> Ended | None:
-                    return self._ctx.end_if_silent(
-                        conn,
-                        notes,
-                        c,
-                        now=now,
-                        silent_since=horizon(now),
-                        reason=reason,
-                        detected_by=detected_by,
-                        caller=REAPER,
-                    )
+            def work(
+                conn: Connection,
+                now: datetime,
+                notes: Notes,
+                batch: list[run_store.SilentRun] = candidates,
+            ) -> list[Ended]:
+                return self._ctx.end_silent(
+                    conn,
+                    notes,
+                    batch,
+                    now=now,
+                    silent_since=horizon(now),
+                    reason=reason,
+                    detected_by=detected_by,
+                    caller=REAPER,
+                )
 
-                ended = self._ctx.transact(work, caller=REAPER)
-                if ended is not None:
-                    report.add(ended.reason or ended.state.value)
-                    ended_any = True
+            ended = self._ctx.transact(work, caller=REAPER)
+            for one in ended:
+                report.add(one.reason or one.state.value)
             # A full batch may hide more; one that ended nothing would loop forever.
-            if len(candidates) < self._batch or not ended_any:
+            if len(candidates) < self._batch or not ended:
                 return
 
     def _end_unacknowledged_cancels(self, report: ReapReport, detected_by: str) -> None:
@@ -143,28 +144,26 @@ class Reaper:
             ),
             caller=REAPER,
         )
-        for candidate in candidates:
+        if not candidates:
+            return
 
-            def work(
-                conn: Connection, now: datetime, notes: Notes, c: run_store.SilentRun = candidate
-            ) -> bool:
-                ended = self._ctx.end_run(
-                    conn,
-                    notes,
-                    c.id,
-                    tenant_id=c.tenant_id,
-                    event=Event.LOST_WHILE_CANCELLING,
-                    reason=StopReason.CANCEL_TIMEOUT,
-                    now=now,
-                    guard=run_store.Guard(cancel_requested_before=policy.cancel_horizon(now)),
-                    tag="STALE_DETECTION",
-                    caller=REAPER,
-                    detected_by=detected_by,
-                )
-                return ended is not None
+        def work(conn: Connection, now: datetime, notes: Notes) -> list[Ended]:
+            return self._ctx.end_runs(
+                conn,
+                notes,
+                [c.id for c in candidates],
+                tenant_id=None,
+                event=Event.LOST_WHILE_CANCELLING,
+                reason=StopReason.CANCEL_TIMEOUT,
+                now=now,
+                guard=run_store.Guard(cancel_requested_before=policy.cancel_horizon(now)),
+                tag="STALE_DETECTION",
+                caller=REAPER,
+                detected_by=detected_by,
+            )
 
-            if self._ctx.transact(work, caller=REAPER):
-                report.add(StopReason.CANCEL_TIMEOUT.value)
+        for _ in self._ctx.transact(work, caller=REAPER):
+            report.add(StopReason.CANCEL_TIMEOUT.value)
 
     def run_forever(self, stop: threading.Event, *, interval: float) -> None:
         """Pass every ``interval`` seconds until ``stop`` is set; a failed pass is retried."""

@@ -27,7 +27,7 @@ from runsvc.metrics.wiring import Metrics, build_metrics
 from runsvc.ratelimit import RateLimiter
 from runsvc.reaper import Reaper
 from runsvc.redisslots import sync as slot_sync
-from runsvc.service import RunService
+from runsvc.service import GroupCommit, RunService
 from runsvc.service.security import SecurityAudit
 from runsvc.settings import Settings
 from runsvc.slots import Slots, StoreSlots
@@ -120,7 +120,12 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Components:
         slot_backlog=sync.backlog if sync else no_slot_backlog,
     )
     service = RunService(
-        db=db, clock=clock, slots=slots, policy=settings.liveness(), observer=metrics.observer
+        db=db,
+        clock=clock,
+        slots=slots,
+        policy=settings.liveness(),
+        observer=metrics.observer,
+        group_commit=group_commit(settings),
     )
     return Components(
         settings, db, service, Reaper(service.context), metrics=metrics, slot_sync=sync
@@ -129,6 +134,17 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Components:
 
 def _ignore_denial(_kind: str) -> None:
     pass
+
+
+def group_commit(settings: Settings) -> GroupCommit | None:
+    """How heartbeats are batched; None writes each with its own statement."""
+    if not settings.heartbeat_group_commit:
+        return None
+    return GroupCommit(
+        max_batch=settings.heartbeat_batch_max,
+        max_delay=settings.heartbeat_batch_delay_seconds,
+        max_queue=settings.heartbeat_queue_max,
+    )
 
 
 class Server:
@@ -222,6 +238,7 @@ class Server:
         grace = self.components.settings.shutdown_grace_seconds if grace is None else grace
         self._grpc.stop(grace).wait()
         self.audit.flush()
+        self.components.service.close()
         if self._reaper_thread.is_alive():
             self._reaper_thread.join(timeout=grace + 5)
         if self.exporter is not None:

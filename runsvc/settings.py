@@ -71,6 +71,10 @@ class Settings:
     slot_relay_max_backoff_seconds: float = 5.0
     # Test-only: commit slot releases but never apply them (crash tests). Off by default.
     testonly_hold_slot_releases: bool = False
+    heartbeat_group_commit: bool = True
+    heartbeat_batch_max: int = 256
+    heartbeat_batch_delay_seconds: float = 0.002
+    heartbeat_queue_max: int = 4096
 
     @property
     def effective_database_url(self) -> str:
@@ -147,9 +151,16 @@ def _key_prefix(raw: str) -> str:
 
 def _flag(raw: str) -> bool:
     value = raw.strip().lower()
-    if value not in {"1", "true", "0", "false"}:
-        raise ValueError("must be 1, true, 0 or false")
-    return value in {"1", "true"}
+    if value not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError("must be true or false")
+    return value in {"true", "1", "yes"}
+
+
+def _short_delay(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError("must be a number of seconds from 0 to 1")
+    return value
 
 
 def _log_level(raw: str) -> str:
@@ -271,6 +282,10 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_SLOT_RELAY_INTERVAL_SECONDS": ("slot_relay_interval_seconds", _positive_float),
     "RUNSVC_SLOT_RELAY_MAX_BACKOFF_SECONDS": ("slot_relay_max_backoff_seconds", _positive_float),
     "RUNSVC_TESTONLY_HOLD_SLOT_RELEASES": ("testonly_hold_slot_releases", _flag),
+    "RUNSVC_HEARTBEAT_GROUP_COMMIT": ("heartbeat_group_commit", _flag),
+    "RUNSVC_HEARTBEAT_BATCH_MAX": ("heartbeat_batch_max", _positive_int),
+    "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS": ("heartbeat_batch_delay_seconds", _short_delay),
+    "RUNSVC_HEARTBEAT_QUEUE_MAX": ("heartbeat_queue_max", _positive_int),
 }
 
 # Variables whose empty value means something (off) rather than "the default".

@@ -6,6 +6,7 @@ from runsvc.clock import Clock
 from runsvc.domain import LivenessPolicy
 from runsvc.service.backend import BackendUseCases
 from runsvc.service.context import Caller, Context
+from runsvc.service.heartbeats import GroupCommit, Heartbeats
 from runsvc.service.observer import Observer
 from runsvc.service.worker import WorkerUseCases
 from runsvc.slots import Slots
@@ -25,11 +26,17 @@ class RunService:
         policy: LivenessPolicy,
         limits: Limits | None = None,
         observer: Observer | None = None,
+        group_commit: GroupCommit | None = None,
     ) -> None:
         self.context = Context(db=db, clock=clock, slots=slots, policy=policy, observer=observer)
         limits = limits or Limits()
-        self.worker = WorkerUseCases(self.context, limits)
+        self.heartbeats = Heartbeats(self.context, group_commit=group_commit)
+        self.worker = WorkerUseCases(self.context, limits, self.heartbeats)
         self.backend = BackendUseCases(self.context, limits)
 
+    def close(self) -> None:
+        """Write what is still queued (heartbeats); call after the last request was served."""
+        self.heartbeats.close()
 
-__all__ = ["Caller", "RunService"]
+
+__all__ = ["Caller", "GroupCommit", "RunService"]

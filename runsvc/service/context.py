@@ -10,7 +10,7 @@ releases are applied once the transaction has committed, never inside it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -314,3 +314,124 @@ class Context:
                 "state": run.state.value,
             }
         )
+
+    def end_runs(
+        self,
+        conn: Connection,
+        notes: Notes,
+        run_ids: Sequence[str],
+        *,
+        tenant_id: str | None,
+        event: Event,
+        reason: StopReason | None,
+        now: datetime,
+        guard: run_store.Guard,
+        tag: str,
+        caller: Caller,
+        detected_by: str,
+    ) -> list[Ended]:
+        """:meth:`end_run` for many runs at once, with its very semantics.
+
+        One guarded statement ends every run whose guard still holds; only
+        for the runs it returned, set-based statements in the same
+        transaction fail their unfinished jobs and write one audit row each
+        (the same tag, detail and log line as :meth:`end_run`).
+        """
+        rows = run_store.finalize_many(
+            conn,
+            run_ids,
+            tenant_id=tenant_id,
+            event=event,
+            reason=reason.value if reason else None,
+            now=now,
+            guard=guard,
+        )
+        if not rows:
+            return []
+        failed = job_store.fail_unfinished_many(
+            conn,
+            [row.id for row in rows],
+            tenant_id=tenant_id,
+            reason=(reason or StopReason.WORKER_FAILED).value,
+            now=now,
+        )
+        ended = []
+        events = []
+        for row in sorted(rows, key=lambda r: r.id):
+            jobs_failed = failed[row.id]
+            release = self.release_slots(
+                conn,
+                notes,
+                tenant_id=row.tenant_id,
+                run_id=row.id,
+                slots=jobs_failed.freed,
+                cause=detected_by,
+                now=now,
+            )
+            one = Ended(
+                row.id,
+                row.tenant_id,
+                RunState(row.state),
+                reason.value if reason else None,
+                jobs_failed.total,
+                jobs_failed.in_progress,
+                release,
+            )
+            detail = {
+                "state": one.state.value,
+                "reason": one.reason,
+                "detected_by": detected_by,
+                "failed_jobs": one.failed_jobs,
+                "released_slots": one.released_slots,
+                "caller_role": caller.role,
+            }
+            events.append(
+                {
+                    "tag": tag,
+                    "action": RUN_ENDED,
+                    "tenant_id": row.tenant_id,
+                    "run_id": row.id,
+                    "actor": caller.subject,
+                    "detail": detail,
+                }
+            )
+            notes.add(
+                message="run ended", tag=tag, run_id=row.id, tenant_id=row.tenant_id, **detail
+            )
+            ended.append(one)
+        audit.record_many(conn, events, now=now)
+        return ended
+
+    def end_silent(
+        self,
+        conn: Connection,
+        notes: Notes,
+        candidates: Sequence[run_store.SilentRun],
+        *,
+        now: datetime,
+        silent_since: datetime,
+        reason: StopReason,
+        detected_by: str,
+        caller: Caller,
+    ) -> list[Ended]:
+        """:meth:`end_if_silent` for many runs: one :meth:`end_runs` per kind of ending."""
+        ended: list[Ended] = []
+        for cancel_requested in (False, True):
+            run_ids = [c.id for c in candidates if c.cancel_requested is cancel_requested]
+            if not run_ids:
+                continue
+            outcome = finalization_for_lost_run(cancel_requested=cancel_requested, reason=reason)
+            ended += self.end_runs(
+                conn,
+                notes,
+                run_ids,
+                tenant_id=None,
+                event=outcome.event,
+                reason=outcome.reason,
+                now=now,
+                guard=run_store.Guard(silent_since=silent_since, cancel_requested=cancel_requested),
+                tag="STALE_DETECTION",
+                caller=caller,
+                detected_by=detected_by,
+            )
+        return ended

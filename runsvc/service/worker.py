@@ -32,6 +32,7 @@ from runsvc.errors import (
     RunNotVisible,
 )
 from runsvc.service.context import Caller, Context, Notes, worker_owns
+from runsvc.service.heartbeats import Heartbeats
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
 from runsvc.validation import Checker, Limits, check_results
@@ -85,9 +86,10 @@ _FINISH_REASONS: dict[RunOutcome, StopReason | None] = {
 
 
 class WorkerUseCases:
-    def __init__(self, ctx: Context, limits: Limits) -> None:
+    def __init__(self, ctx: Context, limits: Limits, heartbeats: Heartbeats | None = None) -> None:
         self._ctx = ctx
         self._limits = limits
+        self.heartbeats = heartbeats or Heartbeats(ctx)
 
     def claim_run(self, *, tenant_id: str | None, worker_id: str, caller: Caller) -> Claim | None:
         check = Checker()
@@ -138,31 +140,12 @@ class WorkerUseCases:
         self, *, tenant_id: str | None, run_id: str, lease_epoch: int, caller: Caller
     ) -> HeartbeatAck:
         self._check_lease(run_id, lease_epoch).done()
-
-        def work(conn: Connection, now: datetime, notes: Notes) -> HeartbeatAck:
-            row = run_store.touch_lease(
-                conn,
-                run_id,
-                tenant_id=tenant_id,
-                worker=caller.worker,
-                lease_epoch=lease_epoch,
-                now=now,
-            )
-            if row is None:
-                raise self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
-                )
-            run_tenant = row.tenant_id
-            notes.after_commit.append(
-                lambda: self._ctx.slots.keep_alive(
-                    tenant_id=run_tenant, run_id=run_id, lease_epoch=lease_epoch
-                )
-            )
-            return HeartbeatAck(bool(row.cancel_requested), self._ctx.policy.stale_time(now))
-
-        ack = self._ctx.transact(work, caller=caller)
+        beat = self.heartbeats.record(
+            run_store.LeaseTouch(run_id, tenant_id, lease_epoch, worker=caller.worker),
+            caller=caller,
+        )
         self._ctx.observer.heartbeat()
-        return ack
+        return HeartbeatAck(beat.touched.cancel_requested, self._ctx.policy.stale_time(beat.now))
 
     def acquire_jobs(
         self,

@@ -284,3 +284,47 @@ def list_for_run(conn: Connection, run_id: str, *, tenant_id: str) -> list[Job]:
         .order_by(jobs.c.seq)
     )
     return [_job_from_row(r) for r in rows]
+
+
+def _count_failed_by_run(conn: Connection, failing: Any) -> dict[str, int]:
+    """Run ``failing`` (an UPDATE of jobs) and count the jobs it changed, per run."""
+    if is_postgres(conn):
+        # Counted by the database: no row per job comes back.
+        done = failing.returning(jobs.c.run_id).cte("failed")
+        rows = conn.execute(select(done.c.run_id, func.count()).group_by(done.c.run_id))
+        return {run_id: count for run_id, count in rows}
+    counts: dict[str, int] = {}
+    for (run_id,) in conn.execute(failing.returning(jobs.c.run_id)):
+        counts[run_id] = counts.get(run_id, 0) + 1
+    return counts
+
+
+def fail_unfinished_many(
+    conn: Connection, run_ids: Sequence[str], *, tenant_id: str | None, reason: str, now: datetime
+) -> dict[str, FailedJobs]:
+    """:func:`fail_unfinished` for many ended runs at once, in two set-based statements."""
+    if not run_ids:
+        return {}
+    scope: list[ColumnElement[bool]] = [jobs.c.run_id.in_(sorted(set(run_ids)))]
+    if tenant_id is not None:
+        scope.append(jobs.c.tenant_id == tenant_id)
+    # In-progress jobs are few (at most the tenants' slots) and their slots
+    # must be named for release, so they come back row by row.
+    freed: dict[str, list[HeldSlot]] = {}
+    for row in conn.execute(
+        update(jobs)
+        .where(*scope, jobs.c.state == JobState.IN_PROGRESS.value)
+        .values(state=JobState.FAILED.value, stop_reason=StopReason.WORKER_LOST.value, ended_at=now)
+        .returning(jobs.c.run_id, jobs.c.lease_epoch, jobs.c.id, jobs.c.slot_token)
+    ):
+        freed.setdefault(row.run_id, []).append(_slot_of(row))
+    queued = _count_failed_by_run(
+        conn,
+        update(jobs)
+        .where(*scope, jobs.c.state == JobState.QUEUED.value)
+        .values(state=JobState.FAILED.value, stop_reason=reason, ended_at=now),
+    )
+    return {
+        run_id: FailedJobs(queued=queued.get(run_id, 0), freed=freed.get(run_id, []))
+        for run_id in run_ids
+    }

@@ -13,17 +13,24 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Connection,
     Row,
+    String,
     and_,
+    bindparam,
+    cast,
+    column,
     func,
     literal,
     or_,
     select,
     update,
+    values,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from runsvc.domain import (
     ACTIVE_STATES,
@@ -40,6 +47,18 @@ from runsvc.store.schema import jobs, runs
 
 # The seed's fallback: a run with no heartbeat is judged by its lock, then by its last update.
 last_sign_of_life = func.coalesce(runs.c.last_heartbeat_at, runs.c.lock_ts, runs.c.updated_at)
+
+
+# ``last_sign_of_life < t`` spelled so that an index on ``last_heartbeat_at``
+# serves it: the heartbeat when there is one, else the seed's fallbacks.
+def _silent_before(since: datetime) -> ColumnElement[bool]:
+    return or_(
+        runs.c.last_heartbeat_at < since,
+        and_(
+            runs.c.last_heartbeat_at.is_(None),
+            func.coalesce(runs.c.lock_ts, runs.c.updated_at) < since,
+        ),
+    )
 
 
 _has_unfinished_jobs = (
@@ -374,11 +393,15 @@ class SilentRun:
 
 
 def find_silent(conn: Connection, *, silent_since: datetime, limit: int) -> list[SilentRun]:
-    """Running runs with no sign of life since ``silent_since``, oldest first."""
+    """Running runs with no sign of life since ``silent_since``, oldest first.
+
+    Served by the partial index on running runs' heartbeats: it reads the
+    silent runs only, however many runs are running or in the history.
+    """
     rows = conn.execute(
         select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
-        .where(runs.c.state == RunState.RUNNING.value, last_sign_of_life < silent_since)
-        .order_by(last_sign_of_life)
+        .where(runs.c.state == RunState.RUNNING.value, _silent_before(silent_since))
+        .order_by(last_sign_of_life, runs.c.id)
         .limit(limit)
     )
     return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
@@ -409,9 +432,183 @@ def find_silent_with_nothing_left(
         select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
         .where(
             runs.c.state == RunState.RUNNING.value,
-            last_sign_of_life < silent_since,
+            _silent_before(silent_since),
             ~_has_unfinished_jobs,
         )
         .limit(limit)
     )
     return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
+
+
+@dataclass(frozen=True)
+class LeaseTouch:
+    """One heartbeat of a batch: the run, its caller's tenant scope, and the lease it claims.
+
+    ``tenant_id`` is the scope, as everywhere in the store (None: any tenant).
+    Every other field is a guard that must equal the run's column of the same
+    name; to guard on one more column, add a field here and its name and type
+    to ``_TOUCH_GUARDS``.
+    """
+
+    run_id: str
+    tenant_id: str | None
+    lease_epoch: int
+    # The caller's worker identity: the run must be held by it or one of its
+    # processes ("worker/…"); None for callers not bound to an identity.
+    worker: str | None = None
+
+
+_TOUCH_GUARDS: dict[str, type[BigInteger] | type[String]] = {"lease_epoch": BigInteger}
+
+
+@dataclass(frozen=True)
+class Touched:
+    run_id: str
+    tenant_id: str
+    cancel_requested: bool
+    guards: tuple[Any, ...]  # the run's values of the _TOUCH_GUARDS columns
+    worker_id: str | None = None
+
+    def answers(self, touch: LeaseTouch) -> bool:
+        """Whether this updated row is the run and lease ``touch`` asked for.
+
+        The row was RUNNING with these values when it was updated, so every
+        touch of the batch that names them held its guard too.
+        """
+        held = touch.worker is None or (
+            self.worker_id is not None
+            and (self.worker_id == touch.worker or self.worker_id.startswith(touch.worker + "/"))
+        )
+        return (
+            touch.run_id == self.run_id
+            and touch.tenant_id in (None, self.tenant_id)
+            and held
+            and tuple(getattr(touch, name) for name in _TOUCH_GUARDS) == self.guards
+        )
+
+
+def _touch_source(conn: Connection, unique: Sequence[LeaseTouch]) -> tuple[Any, dict[str, Any]]:
+    """The touches as a table ``touch(run_id, tenant_id, <guards>)`` and its parameters.
+
+    PostgreSQL gets one array per column through ``unnest``: the statement's
+    text is the same for every batch, so it is compiled once and cached
+    (building a VALUES list anew costs more than the write). SQLite, which
+    has no arrays, gets a VALUES list in a CTE.
+    """
+    kinds: dict[str, Any] = {
+        "run_id": String,
+        "tenant_id": String,
+        "worker": String,
+        **_TOUCH_GUARDS,
+    }
+    rows = [
+        (t.run_id, t.tenant_id, t.worker, *(getattr(t, name) for name in _TOUCH_GUARDS))
+        for t in unique
+    ]
+    if is_postgres(conn):
+        arrays = {f"touch_{name}": [row[i] for row in rows] for i, name in enumerate(kinds)}
+        source = (
+            func.unnest(*(cast(bindparam(f"touch_{n}"), ARRAY(k)) for n, k in kinds.items()))
+            .table_valued(*kinds)
+            .render_derived(name="touch")
+        )
+        return source, arrays
+    given = values(*(column(name, kind) for name, kind in kinds.items()), name="touch")
+    # A CTE rather than FROM (VALUES …) AS v(…): SQLite takes only this form.
+    return given.data(rows).cte("touch"), {}
+
+
+def touch_leases(
+    conn: Connection, touches: Sequence[LeaseTouch], *, now: datetime
+) -> list[Touched]:
+    """:func:`touch_lease` for many runs in one guarded statement (group commit).
+
+    ``UPDATE runs … FROM unnest(…) | (VALUES …) WHERE id, scope, guards match
+    AND state = RUNNING RETURNING …``: each run row is updated at most once, and a touch
+    whose lease is not current matches nothing. The rows come back in no
+    particular order; :meth:`Touched.answers` pairs them with the touches.
+    The tenant scope rides in each row of the touches, like the guards.
+    """
+    if not touches:
+        return []
+    # Sorted and distinct: runs are locked in one order by every batch.
+    unique = sorted(set(touches), key=lambda t: (t.run_id, t.tenant_id or "", t.worker or ""))
+    touch, params = _touch_source(conn, unique)
+    rows = conn.execute(
+        update(runs)
+        .where(
+            runs.c.id == touch.c.run_id,
+            or_(touch.c.tenant_id.is_(None), runs.c.tenant_id == touch.c.tenant_id),
+            or_(
+                touch.c.worker.is_(None),
+                runs.c.worker_id == touch.c.worker,
+                func.substr(runs.c.worker_id, 1, func.length(touch.c.worker) + 1)
+                == touch.c.worker + "/",
+            ),
+            *(runs.c[name] == touch.c[name] for name in _TOUCH_GUARDS),
+            runs.c.state == RunState.RUNNING.value,
+        )
+        .values(last_heartbeat_at=now, updated_at=now)
+        .returning(
+            runs.c.id,
+            runs.c.tenant_id,
+            runs.c.cancel_requested,
+            runs.c.worker_id,
+            *(runs.c[name] for name in _TOUCH_GUARDS),
+        ),
+        params,
+    ).all()
+    return [
+        Touched(
+            r.id,
+            r.tenant_id,
+            bool(r.cancel_requested),
+            tuple(r._mapping[name] for name in _TOUCH_GUARDS),
+            r.worker_id,
+        )
+        for r in rows
+    ]
+
+
+def finalize_many(
+    conn: Connection,
+    run_ids: Sequence[str],
+    *,
+    tenant_id: str | None,
+    event: Event,
+    reason: str | None,
+    now: datetime,
+    guard: Guard,
+) -> list[Row[Any]]:
+    """:func:`finalize` for many runs in one guarded statement; the rows it ended.
+
+    For fleet-wide finalizations (the reaper): the guard may re-check silence
+    and the cancel request, never a lease (no caller holds one here).
+    """
+    if guard.lease_epoch is not None or guard.nothing_unfinished:
+        raise ValueError("finalize_many takes no lease or unfinished-jobs guard")
+    if not run_ids:
+        return []
+    conditions = [runs.c.id.in_(sorted(set(run_ids))), _scoped(tenant_id)]
+    conditions.append(_state_in(sources(event)))
+    if guard.silent_since is not None:
+        conditions.append(_silent_before(guard.silent_since))
+    if guard.cancel_requested is not None:
+        conditions.append(runs.c.cancel_requested.is_(guard.cancel_requested))
+    if guard.cancel_requested_before is not None:
+        conditions.append(runs.c.cancel_requested_at < guard.cancel_requested_before)
+    return conn.execute(
+        update(runs)
+        .where(*conditions)
+        .values(
+            state=target(event).value,
+            stop_reason=reason,
+            error=None,
+            ended_at=now,
+            updated_at=now,
+            worker_id=None,
+            lock_ts=None,
+            lease_epoch=runs.c.lease_epoch + 1,
+        )
+        .returning(runs.c.id, runs.c.tenant_id, runs.c.state, runs.c.cancel_requested)
+    ).all()  # type: ignore[return-value]

@@ -62,6 +62,8 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 ACTIVE_STATES_SQL = "state IN ('PENDING', 'RUNNING')"
+RUNNING_SQL = "state = 'RUNNING'"
+CANCELLING_SQL = "state = 'RUNNING' AND cancel_requested"
 
 runs = Table(
     "runs",
@@ -93,7 +95,20 @@ runs = Table(
         postgresql_where=text(ACTIVE_STATES_SQL),
         sqlite_where=text(ACTIVE_STATES_SQL),
     ),
-    Index("ix_runs_state_last_heartbeat_at", "state", "last_heartbeat_at"),
+    # The reaper's reads: partial, so they hold the running runs only, and a
+    # pass reads the silent ones, however long the history grows.
+    Index(
+        "ix_runs_running_last_heartbeat_at",
+        "last_heartbeat_at",
+        postgresql_where=text(RUNNING_SQL),
+        sqlite_where=text(RUNNING_SQL),
+    ),
+    Index(
+        "ix_runs_running_cancel_requested_at",
+        "cancel_requested_at",
+        postgresql_where=text(CANCELLING_SQL),
+        sqlite_where=text(CANCELLING_SQL),
+    ),
     Index("ix_runs_state_created_at", "state", "created_at"),
     Index("ix_runs_tenant_id_created_at", "tenant_id", "created_at"),
     Index("ix_runs_worker_id_state", "worker_id", "state"),

@@ -36,7 +36,7 @@ from runsvc.domain import (
 )
 from runsvc.errors import InvalidTransition, LeaseLost, NoActiveRun
 from runsvc.reaper import Reaper
-from runsvc.service import Caller, RunService
+from runsvc.service import Caller, GroupCommit, RunService
 from runsvc.service.backend import ForceCancelled
 from runsvc.service.worker import JobNotHeld, JobsUnfinished
 from runsvc.slots import SlotLimits, StoreSlots
@@ -145,10 +145,22 @@ def replicas(db_url: str) -> Iterator[tuple[list[RunService], FakeClock]]:
     slots = StoreSlots(SlotLimits(default=5))
     policy = LivenessPolicy()
     databases = [Database(make_engine(db_url)) for _ in range(2)]
-    services = [RunService(db=db, clock=clock, slots=slots, policy=policy) for db in databases]
+    # Replica 1 writes heartbeats with group commit, replica 0 one statement per call.
+    services = [
+        RunService(
+            db=db,
+            clock=clock,
+            slots=slots,
+            policy=policy,
+            group_commit=GroupCommit(max_delay=0.001) if i == 1 else None,
+        )
+        for i, db in enumerate(databases)
+    ]
     try:
         yield services, clock
     finally:
+        for service in services:
+            service.close()
         for db in databases:
             db.dispose()
 

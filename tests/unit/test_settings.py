@@ -294,3 +294,28 @@ def test_redis_slot_settings() -> None:
 def test_bad_redis_slot_settings(env: dict[str, str], named: str) -> None:
     with pytest.raises(settings.SettingsError, match=re.escape(named)):
         settings.load(env)
+
+
+def test_heartbeat_group_commit_settings() -> None:
+    from runsvc.server import group_commit
+
+    default = settings.load({})
+    assert default.heartbeat_group_commit is True
+    policy = group_commit(
+        settings.load(
+            {
+                "RUNSVC_HEARTBEAT_BATCH_MAX": "64",
+                "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS": "0",
+                "RUNSVC_HEARTBEAT_QUEUE_MAX": "100",
+            }
+        )
+    )
+    assert policy is not None
+    assert (policy.max_batch, policy.max_delay, policy.max_queue) == (64, 0.0, 100)
+    assert group_commit(settings.load({"RUNSVC_HEARTBEAT_GROUP_COMMIT": "false"})) is None
+    with pytest.raises(SettingsError) as refused:
+        settings.load(
+            {"RUNSVC_HEARTBEAT_GROUP_COMMIT": "maybe", "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS": "2"}
+        )
+    assert "RUNSVC_HEARTBEAT_GROUP_COMMIT='maybe': must be true or false" in str(refused.value)
+    assert "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS='2'" in str(refused.value)

@@ -1,0 +1,241 @@
+"""Heartbeats: one guarded statement per call, or many calls per statement (group commit).
+
+A heartbeat is the hot path: every live run sends one every few seconds.
+With group commit a call queues its touch and waits; one flusher thread
+takes what has queued (up to ``max_batch``, or whatever arrived within
+``max_delay`` of the oldest), writes it with one guarded statement in one
+transaction, and answers each waiting call only after that commit. Fencing
+is unchanged: a touch whose lease is not current matches nothing, and its
+call is refused exactly as the one-statement path refuses it. If the flush
+fails (the database is down), every call of the batch gets that error.
+
+The queue is bounded: when it is full a caller waits for room (back-pressure)
+and gives up with UNAVAILABLE after ``enqueue_timeout``. ``close`` refuses
+new calls, writes what is queued, and stops the flusher.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from runsvc.errors import Unavailable
+from runsvc.service.context import Caller, Context, Notes
+from runsvc.store import runs as run_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupCommit:
+    """How heartbeats are batched."""
+
+    max_batch: int = 256
+    max_delay: float = 0.002  # seconds the oldest queued heartbeat may wait for company
+    max_queue: int = 4096
+    enqueue_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class Beat:
+    """A committed heartbeat: the run as the statement left it, and the transaction's time."""
+
+    touched: run_store.Touched
+    now: datetime
+
+
+class _Waiting:
+    __slots__ = ("beat", "done", "error", "touch")
+
+    def __init__(self, touch: run_store.LeaseTouch) -> None:
+        self.touch = touch
+        self.done = threading.Event()
+        self.beat: Beat | None = None
+        self.error: BaseException | None = None
+
+
+class Heartbeats:
+    """Records heartbeats for the worker use cases; see the module docstring."""
+
+    def __init__(self, ctx: Context, *, group_commit: GroupCommit | None = None) -> None:
+        self._ctx = ctx
+        self._policy = group_commit
+        self._queue: deque[_Waiting] = deque()
+        self._arrived: deque[float] = deque()  # monotonic arrival time of each queued touch
+        self._cond = threading.Condition()
+        self._closing = False
+        self._flusher: threading.Thread | None = None
+        if group_commit is not None:
+            self._flusher = threading.Thread(
+                target=self._flush_forever, name="heartbeat-flusher", daemon=True
+            )
+            self._flusher.start()
+
+    @property
+    def group_commit(self) -> GroupCommit | None:
+        return self._policy
+
+    def record(self, touch: run_store.LeaseTouch, *, caller: Caller) -> Beat:
+        """Write one heartbeat; return once it has committed, or raise why it was refused."""
+        if self._policy is None:
+            return self._record_alone(touch, caller=caller)
+        waiting = self._enqueue(touch, self._policy)
+        # The flusher answers every call it takes, even when its flush fails;
+        # the bound only guards against a flusher that died.
+        if not waiting.done.wait(self._policy.enqueue_timeout + 30):
+            raise Unavailable("heartbeats are not being written")
+        if isinstance(waiting.error, Unavailable):
+            # One error per call: the batch's exception is shared by many threads.
+            raise Unavailable(str(waiting.error)) from waiting.error
+        if waiting.error is not None:
+            raise RuntimeError("writing a batch of heartbeats failed") from waiting.error
+        if waiting.beat is not None:
+            return waiting.beat
+        return self._ctx.transact(lambda conn, now, notes: self._refuse(conn, touch), caller=caller)
+
+    def after_commit(self, beats: Sequence[Beat]) -> None:
+        """Called once per commit of heartbeats, outside the transaction, before they are answered.
+
+        The place for work that must follow a committed heartbeat but is no
+        part of the database's truth (refreshing a slot backend's leases, for
+        example). It must not raise; if it does, the error is logged and the
+        heartbeats are still answered, since they committed.
+        """
+        for beat in beats:
+            # The lease holder is alive: its concurrency slots must not expire.
+            self._ctx.slots.keep_alive(
+                tenant_id=beat.touched.tenant_id,
+                run_id=beat.touched.run_id,
+                lease_epoch=beat.touched.guards[0],
+            )
+
+    def close(self) -> None:
+        """Refuse new heartbeats, write the queued ones, stop the flusher."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._flusher is not None:
+            self._flusher.join()
+
+    # --- one statement per call ------------------------------------------
+
+    def _record_alone(self, touch: run_store.LeaseTouch, *, caller: Caller) -> Beat:
+        def work(conn: Connection, now: datetime, notes: Notes) -> Beat:
+            row = run_store.touch_lease(
+                conn,
+                touch.run_id,
+                tenant_id=touch.tenant_id,
+                worker=touch.worker,
+                lease_epoch=touch.lease_epoch,
+                now=now,
+            )
+            if row is None:
+                raise self._refusal(conn, touch)
+            touched = run_store.Touched(
+                row.id,
+                row.tenant_id,
+                bool(row.cancel_requested),
+                (touch.lease_epoch,),
+                touch.worker,
+            )
+            return Beat(touched, now)
+
+        beat = self._ctx.transact(work, caller=caller)
+        self._after_commit_safely([beat])
+        return beat
+
+    def _refusal(self, conn: Connection, touch: run_store.LeaseTouch) -> Exception:
+        return self._ctx.lease_miss(
+            conn,
+            touch.run_id,
+            tenant_id=touch.tenant_id,
+            worker=touch.worker,
+            lease_epoch=touch.lease_epoch,
+        )
+
+    def _refuse(self, conn: Connection, touch: run_store.LeaseTouch) -> Beat:
+        raise self._refusal(conn, touch)
+
+    def _after_commit_safely(self, beats: Sequence[Beat]) -> None:
+        try:
+            self.after_commit(beats)
+        except Exception:
+            log.exception("after-commit work for heartbeats failed")
+
+    # --- group commit ------------------------------------------------------
+
+    def _enqueue(self, touch: run_store.LeaseTouch, policy: GroupCommit) -> _Waiting:
+        waiting = _Waiting(touch)
+        deadline = time.monotonic() + policy.enqueue_timeout
+        with self._cond:
+            while not self._closing and len(self._queue) >= policy.max_queue:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Unavailable("too many heartbeats are waiting to be written")
+                self._cond.wait(remaining)
+            if self._closing:
+                raise Unavailable("the server is shutting down")
+            self._queue.append(waiting)
+            self._arrived.append(time.monotonic())
+            self._cond.notify_all()
+        return waiting
+
+    def _next_batch(self, policy: GroupCommit) -> list[_Waiting] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            flush_at = self._arrived[0] + policy.max_delay
+            while len(self._queue) < policy.max_batch and not self._closing:
+                remaining = flush_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            size = min(len(self._queue), policy.max_batch)
+            batch = [self._queue.popleft() for _ in range(size)]
+            for _ in range(size):
+                self._arrived.popleft()
+            self._cond.notify_all()  # room for callers waiting on a full queue
+            return batch
+
+    def _flush_forever(self) -> None:
+        assert self._policy is not None
+        while (batch := self._next_batch(self._policy)) is not None:
+            self._flush(batch)
+
+    def _flush(self, batch: list[_Waiting]) -> None:
+        def work(conn: Connection) -> tuple[datetime, list[run_store.Touched]]:
+            now = self._ctx.clock.now(conn)  # one clock reading for the whole batch
+            return now, run_store.touch_leases(conn, [w.touch for w in batch], now=now)
+
+        try:
+            now, rows = self._ctx.db.run(work)
+        except Exception as error:
+            if not isinstance(error, Unavailable):
+                log.exception("writing a batch of heartbeats failed")
+            for waiting in batch:
+                waiting.error = error
+                waiting.done.set()
+            return
+        by_run: dict[str, list[run_store.Touched]] = {}
+        for row in rows:
+            by_run.setdefault(row.run_id, []).append(row)
+        beats = []
+        for waiting in batch:
+            candidates = by_run.get(waiting.touch.run_id, ())
+            match = next((r for r in candidates if r.answers(waiting.touch)), None)
+            if match is not None:
+                waiting.beat = Beat(match, now)
+                beats.append(waiting.beat)
+        if beats:
+            self._after_commit_safely(beats)
+        for waiting in batch:
+            waiting.done.set()
