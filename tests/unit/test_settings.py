@@ -284,7 +284,7 @@ def test_redis_slot_settings() -> None:
     [
         ({"RUNSVC_REDIS_URL": "http://x"}, "RUNSVC_REDIS_URL=(hidden)"),
         ({"RUNSVC_REDIS_KEY_PREFIX": "a b"}, "RUNSVC_REDIS_KEY_PREFIX"),
-        ({"RUNSVC_TESTONLY_HOLD_SLOT_RELEASES": "yes"}, "RUNSVC_TESTONLY_HOLD_SLOT_RELEASES"),
+        ({"RUNSVC_TESTONLY_HOLD_SLOT_RELEASES": "maybe"}, "RUNSVC_TESTONLY_HOLD_SLOT_RELEASES"),
         (
             {"RUNSVC_REDIS_URL": "redis://h:1/0", "RUNSVC_SLOT_TTL_SECONDS": "30"},
             "RUNSVC_SLOT_TTL_SECONDS must be longer",
