@@ -48,11 +48,11 @@ def make_call(
 ) -> Call:
     stub = pb_grpc.RunServiceStub(channel)
 
-    def auth(role: str, tenant: str | None) -> list[tuple[str, str]]:
-        token = tokens.issue(secret, role=role, tenant_id=tenant, ttl_seconds=3600)
+    def auth(role: str, tenant: str | None, subject: str | None = None) -> list[tuple[str, str]]:
+        token = tokens.issue(secret, role=role, tenant_id=tenant, ttl_seconds=3600, subject=subject)
         return [("authorization", f"Bearer {token}")]
 
-    worker_md = [auth("worker", t["tenant_id"]) for t in targets]
+    worker_md = [auth("worker", t["tenant_id"], t.get("worker_id")) for t in targets]
     backend_md = [auth("backend", t["tenant_id"]) for t in targets]
 
     if rpc == "Check":

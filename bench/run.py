@@ -102,7 +102,7 @@ FROM generate_series(:first, :last) AS g, generate_series(1, :jobs) AS s
 
 
 LIVE_TARGETS_SQL = """
-SELECT id, tenant_id, lease_epoch FROM runs WHERE state = 'RUNNING' ORDER BY tenant_id
+SELECT id, tenant_id, lease_epoch, worker_id FROM runs WHERE state = 'RUNNING' ORDER BY tenant_id
 """
 
 
@@ -117,7 +117,15 @@ def load(url: str, *, history: int) -> list[dict[str, Any]]:
         conn.execute(text("ANALYZE"))
         rows = conn.execute(text(LIVE_TARGETS_SQL)).all()
     engine.dispose()
-    return [{"run_id": r.id, "tenant_id": r.tenant_id, "lease_epoch": r.lease_epoch} for r in rows]
+    return [
+        {
+            "run_id": r.id,
+            "tenant_id": r.tenant_id,
+            "lease_epoch": r.lease_epoch,
+            "worker_id": r.worker_id,
+        }
+        for r in rows
+    ]
 
 
 class ServerProcess:
@@ -134,6 +142,10 @@ class ServerProcess:
             "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS": "7200",
             "RUNSVC_REAP_INTERVAL_SECONDS": "3600",
             "RUNSVC_LOG_LEVEL": "WARNING",
+            # The benchmark measures the paths, not the per-tenant rate limits.
+            "RUNSVC_RATE_LIMITS": ",".join(
+                f"{name}=1000000:1000000" for name in ("read", "write", "worker", "heartbeat")
+            ),
             **extra_env,
         }
         self.log = (workdir / "server.log").open("w")
@@ -203,7 +215,10 @@ def worker_flow(server: ServerProcess, jobs: int) -> dict[str, Any]:
     worker = [
         (
             "authorization",
-            "Bearer " + tokens.issue(SECRET, role="worker", tenant_id="flow", ttl_seconds=600),
+            "Bearer "
+            + tokens.issue(
+                SECRET, role="worker", tenant_id="flow", ttl_seconds=600, subject="flow-worker"
+            ),
         )
     ]
     with grpc.insecure_channel(server.address) as channel:
