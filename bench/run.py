@@ -142,6 +142,7 @@ class ServerProcess:
             "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS": "7200",
             "RUNSVC_REAP_INTERVAL_SECONDS": "3600",
             "RUNSVC_LOG_LEVEL": "WARNING",
+            "RUNSVC_METRICS_ADDRESS": "127.0.0.1:0",
             # The benchmark measures the paths, not the per-tenant rate limits.
             "RUNSVC_RATE_LIMITS": ",".join(
                 f"{name}=1000000:1000000" for name in ("read", "write", "worker", "heartbeat")

@@ -85,7 +85,13 @@ def main() -> int:
     secret = secrets.token_urlsafe(32)
     address = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNSVC_")}
-    env.update(RUNSVC_DATA_DIR=str(data), RUNSVC_GRPC_ADDRESS=address, RUNSVC_JWT_SECRET=secret)
+    env.update(
+        RUNSVC_DATA_DIR=str(data),
+        RUNSVC_GRPC_ADDRESS=address,
+        RUNSVC_JWT_SECRET=secret,
+        # Any free port: the demo must not collide with a runsvc already serving metrics.
+        RUNSVC_METRICS_ADDRESS="127.0.0.1:0",
+    )
     server_log = data / "server.log"
     runsvc = Path(sys.executable).with_name("runsvc")
     say(f"starting runsvc on {address}, database {data / 'runsvc.db'} (fresh)")
