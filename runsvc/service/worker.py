@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -136,6 +137,30 @@ class WorkerUseCases:
         check.lease_epoch("lease_epoch", lease_epoch)
         return check
 
+    def _hold(
+        self,
+        conn: Connection,
+        run_id: str,
+        tenant_id: str | None,
+        lease_epoch: int,
+        caller: Caller,
+        now: datetime,
+    ) -> Any:
+        """Record a sign of life from the caller's lease, or raise why it is not held."""
+        row = run_store.touch_lease(
+            conn,
+            run_id,
+            tenant_id=tenant_id,
+            worker=caller.worker,
+            lease_epoch=lease_epoch,
+            now=now,
+        )
+        if row is None:
+            raise self._ctx.lease_miss(
+                conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
+            )
+        return row
+
     def heartbeat(
         self, *, tenant_id: str | None, run_id: str, lease_epoch: int, caller: Caller
     ) -> HeartbeatAck:
@@ -169,18 +194,7 @@ class WorkerUseCases:
             )
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Acquired:
-            row = run_store.touch_lease(
-                conn,
-                run_id,
-                tenant_id=tenant_id,
-                worker=caller.worker,
-                lease_epoch=lease_epoch,
-                now=now,
-            )
-            if row is None:
-                raise self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
-                )
+            row = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
             if row.cancel_requested:
                 # A run being cancelled starts nothing new.
                 return Acquired([], self._ctx.slots.free(conn, tenant_id=row.tenant_id))
@@ -216,18 +230,7 @@ class WorkerUseCases:
         slots = self._ctx.slots
 
         def look(conn: Connection, now: datetime, notes: Notes) -> tuple[str, list[str]]:
-            row = run_store.touch_lease(
-                conn,
-                run_id,
-                tenant_id=tenant_id,
-                worker=caller.worker,
-                lease_epoch=lease_epoch,
-                now=now,
-            )
-            if row is None:
-                raise self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
-                )
+            row = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
             if row.cancel_requested:
                 # A run being cancelled starts nothing new.
                 return row.tenant_id, []
@@ -244,18 +247,7 @@ class WorkerUseCases:
         token = reservation.granted[0].token
 
         def take(conn: Connection, now: datetime, notes: Notes) -> Acquired:
-            row = run_store.touch_lease(
-                conn,
-                run_id,
-                tenant_id=tenant_id,
-                worker=caller.worker,
-                lease_epoch=lease_epoch,
-                now=now,
-            )
-            if row is None:
-                raise self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
-                )
+            row = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
             taken = []
             if not row.cancel_requested:
                 taken = job_store.take_reserved(
