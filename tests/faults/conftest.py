@@ -42,6 +42,7 @@ FULL = os.environ.get("RUNSVC_FAULTS_FULL") == "1"
 STALE_AFTER = 2.0
 REAP_INTERVAL = 0.5
 WORKER = Path(__file__).with_name("worker.py")
+DIALER = Path(__file__).resolve().parents[2] / "clients" / "examples" / "dialer.py"
 
 
 def issue(role: str, tenant: str | None = None, subject: str | None = None) -> str:
@@ -130,6 +131,33 @@ class Fleet:
                     issue("worker", tenant, subject=worker_id),
                     "--worker-id",
                     worker_id,
+                    *args,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=clean_environ(),
+            )
+        self.processes.append(process)
+        return Worker(process, log, worker_id)
+
+    def dialer(self, address: str, tenant: str, worker_id: str, *args: str) -> Worker:
+        """The example dialer: the client package's Lease, which fences itself."""
+        log = self.tmp / f"{worker_id}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(DIALER),
+                    "--address",
+                    address,
+                    "--token",
+                    issue("worker", tenant, subject=worker_id),
+                    "--worker-id",
+                    worker_id,
+                    "--rate",
+                    "20",
+                    "--runs",
+                    "1",
                     *args,
                 ],
                 stdout=out,

@@ -47,21 +47,25 @@ def test_a_server_restart_shorter_than_the_threshold_stops_nothing(
     # Full variant: the issue's 10 s and 20 s down with a 30 s threshold.
     stale = "30" if FULL else str(STALE_AFTER)
     server = fleet.server(RUNSVC_STALE_AFTER_SECONDS=stale)
-    run_ids = [fleet.create_run(server.address, f"t{i}", jobs=50) for i in range(3)]
-    workers = [fleet.worker(server.address, f"t{i}", f"w{i}", "--hold", "0.5") for i in range(3)]
+    run_ids = [fleet.create_run(server.address, f"t{i}", jobs=50) for i in range(4)]
+    workers = [fleet.worker(server.address, f"t{i}", f"w{i}", "--hold", "0.5") for i in range(4)]
     assert sorted(w.run_id() for w in workers) == sorted(run_ids)
+    *workers, doomed = workers
+    doomed_run = doomed.run_id()
     time.sleep(1.0)
 
     server.process.kill()
     server.process.wait(timeout=10)
+    doomed.process.kill()  # a worker that dies while the server is down is still caught
     time.sleep(downtime)
     # Same address: the workers keep retrying it. Start-up itself takes a while.
     fleet.server(address=server.address, RUNSVC_STALE_AFTER_SECONDS=stale)
     # Well past the threshold since the restart: heartbeats flow again.
     time.sleep(float(stale) + 3 * REAP_INTERVAL + 1.0)
 
-    assert [store.run(r).state for r in run_ids] == ["RUNNING"] * 3
-    assert store.stale_detections() == 0
+    assert [store.run(w.run_id()).state for w in workers] == ["RUNNING"] * 3
+    assert store.run(doomed_run).state == "STOPPED"
+    assert store.stale_detections() == 1  # the dead worker's run only
     for worker in workers:
         assert worker.process.poll() is None, worker.log.read_text()
         beats = [x for x in worker.lines() if x["call"] == "Heartbeat"]
@@ -97,3 +101,45 @@ def test_a_paused_worker_is_refused_on_every_write_once_it_wakes(
     states = store.job_states(run_id)
     assert states.get("FAILED:WORKER_LOST") == 1
     assert "QUEUED" not in states and "IN_PROGRESS" not in states
+
+
+def test_workers_fence_themselves_before_a_long_outage_stops_their_runs(
+    fleet: Fleet, store: Store
+) -> None:
+    """The server is down longer than the workers' self-fencing budget (and the threshold)."""
+    server = fleet.server()
+    run_ids = [fleet.create_run(server.address, f"t{i}", jobs=500) for i in range(2)]
+    dialers = [
+        fleet.dialer(server.address, f"t{i}", f"d{i}", "--stale-after", str(STALE_AFTER))
+        for i in range(2)
+    ]
+    wait_until(lambda: all("claimed run" in d.log.read_text() for d in dialers), timeout=15)
+    time.sleep(0.5)
+
+    server.process.kill()
+    server.process.wait(timeout=10)
+    fenced: dict[str, float] = {}
+
+    def all_fenced() -> bool:
+        for dialer in dialers:
+            if dialer.worker_id not in fenced and " lost (" in dialer.log.read_text():
+                fenced[dialer.worker_id] = time.monotonic()
+        return len(fenced) == len(dialers)
+
+    wait_until(all_fenced, timeout=STALE_AFTER + 2.0)
+    time.sleep(STALE_AFTER)  # down for well over the threshold
+    fleet.server(address=server.address)
+    ended_at: dict[str, float] = {}
+
+    def all_ended() -> bool:
+        for run_id in run_ids:
+            if run_id not in ended_at and store.run(run_id).state != "RUNNING":
+                ended_at[run_id] = time.monotonic()
+        return len(ended_at) == len(run_ids)
+
+    wait_until(all_ended, timeout=STALE_AFTER + 3 * REAP_INTERVAL + 10.0)
+    assert max(fenced.values()) < min(ended_at.values())
+    for run_id in run_ids:
+        assert store.run(run_id).state == "STOPPED"
+        states = store.job_states(run_id)
+        assert "IN_PROGRESS" not in states and "QUEUED" not in states
