@@ -97,4 +97,4 @@ bench-soak: $(INSTALL_STAMP) services ## The benchmark plus 10 minutes of heartb
 .PHONY: test-faults
 test-faults: $(INSTALL_STAMP) ## Full fault suite: 20 repetitions, 10 s/20 s restarts at a 30 s threshold, 1,000 property examples
 	@bash scripts/services.sh
-	RUNSVC_FAULTS_FULL=1 RUNSVC_PROPERTY_EXAMPLES=1000 $(VENV_PY) -m pytest -p no:cacheprovider tests/faults tests/integration/test_state_machine.py tests/integration/test_mass_reap.py $(PYTEST_ARGS)
+	RUNSVC_FAULTS_FULL=1 RUNSVC_PROPERTY_EXAMPLES=1000 $(VENV_PY) -m pytest -p no:cacheprovider -rP --durations=10 tests/faults tests/integration/test_state_machine.py tests/integration/test_mass_reap.py $(PYTEST_ARGS)

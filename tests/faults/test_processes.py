@@ -6,9 +6,20 @@ import os
 import signal
 import time
 
+import grpc
 import pytest
 
-from tests.faults.conftest import FULL, REAP_INTERVAL, STALE_AFTER, Fleet, Store, wait_until
+from runsvc_client.v1 import run_service_pb2 as pb
+from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
+from tests.faults.conftest import (
+    FULL,
+    REAP_INTERVAL,
+    STALE_AFTER,
+    Fleet,
+    Store,
+    issue,
+    wait_until,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -38,6 +49,38 @@ def test_a_killed_worker_is_finalized_within_the_bound(
         "FAILED:WORKER_LOST": 1,
         "FAILED:HEARTBEAT_TIMEOUT": 9,
     }
+    print(f"reaper detection latency: {latency:.3f} s (bound {bound} s)")
+
+
+@pytest.mark.parametrize("trial", range(REPEATS))
+def test_get_active_never_reports_a_dead_workers_run_past_the_threshold(
+    fleet: Fleet, store: Store, trial: int
+) -> None:
+    # The reaper waits an hour here: only the read can notice.
+    server = fleet.server(RUNSVC_REAP_INTERVAL_SECONDS="3600")
+    run_id = fleet.create_run(server.address, "t1", jobs=10)
+    worker = fleet.worker(server.address, "t1", "w1", "--hold", "30")
+    assert worker.run_id() == run_id
+    wait_until(lambda: store.job_states(run_id).get("IN_PROGRESS") == 1, timeout=10)
+    metadata = [("authorization", f"Bearer {issue('backend', 't1')}")]
+
+    worker.process.kill()
+    killed = time.monotonic()
+    worker.process.wait(timeout=10)
+    last_active = 0.0
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RunServiceStub(channel)
+        while time.monotonic() - killed < STALE_AFTER + 3.0:
+            try:
+                stub.GetActive(pb.GetActiveRequest(), metadata=metadata, timeout=5)
+                last_active = time.monotonic() - killed
+            except grpc.RpcError as error:
+                assert error.code() is grpc.StatusCode.NOT_FOUND, error
+            time.sleep(0.05)
+    assert last_active <= STALE_AFTER + 1.0, f"still active {last_active:.2f} s after the kill"
+    ended = store.run(run_id)
+    assert (ended.state, ended.stop_reason) == ("STOPPED", "HEARTBEAT_TIMEOUT")
+    print(f"GetActive last reported it active {last_active:.3f} s after the kill")
 
 
 @pytest.mark.parametrize("downtime", [10.0, 20.0] if FULL else [0.5])
