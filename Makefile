@@ -93,3 +93,8 @@ bench-history: $(INSTALL_STAMP) services ## Benchmark with 10k and 1M historical
 
 bench-soak: $(INSTALL_STAMP) services ## The benchmark plus 10 minutes of heartbeats, server RSS sampled
 	$(VENV_PY) -m bench.run --soak 600 --output bench/results/soak.json $(BENCH_ARGS)
+
+.PHONY: test-faults
+test-faults: $(INSTALL_STAMP) ## Full fault suite: 20 repetitions, 10 s/20 s restarts at a 30 s threshold, 1,000 property examples
+	@bash scripts/services.sh
+	RUNSVC_FAULTS_FULL=1 RUNSVC_PROPERTY_EXAMPLES=1000 $(VENV_PY) -m pytest -p no:cacheprovider -rP --durations=10 tests/faults tests/integration/test_state_machine.py tests/integration/test_mass_reap.py $(PYTEST_ARGS)

@@ -205,6 +205,33 @@ class LivenessPolicy:
         """When a run whose last heartbeat is ``last_heartbeat`` becomes stale."""
         return last_heartbeat + self.stale_after
 
+    # The breaker: a pass that would stop more than this share of the running
+    # runs stops none, once at least ``breaker_min_running`` runs are running.
+    breaker_share: float = 0.5
+    breaker_min_running: int = 4
+
+    def trusted_stale_horizon(
+        self, now: datetime, trusted_since: datetime | None
+    ) -> datetime | None:
+        """The stale horizon, or None while nothing may be judged stale.
+
+        A run is stale only if ``now - max(last_sign_of_life, trusted_since)``
+        exceeds ``stale_after``: a replica counts silence from no earlier than
+        the moment it last regained uninterrupted database access (or started),
+        since a heartbeat sent while it could not reach the database could not
+        have been recorded. As ``max`` splits into two conditions, that is the
+        usual horizon, open only once ``trusted_since`` itself is past it.
+        ``trusted_since`` None: the replica has no database access it trusts.
+        """
+        horizon = self.stale_horizon(now)
+        if trusted_since is None or trusted_since >= horizon:
+            return None
+        return horizon
+
+    def breaker_trips(self, *, stale: int, running: int) -> bool:
+        """Whether stopping ``stale`` of ``running`` runs at once looks like an outage."""
+        return running >= self.breaker_min_running and stale > self.breaker_share * running
+
 
 @dataclass(frozen=True)
 class HeldSlot:

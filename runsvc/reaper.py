@@ -28,12 +28,14 @@ log = logging.getLogger(__name__)
 
 REAPER = Caller(subject="runsvc-reaper", role="system")
 
+# (connection, horizon) -> candidates silent since before the horizon
 Finder = Callable[[Connection, datetime], list[run_store.SilentRun]]
 
 
 @dataclass
 class ReapReport:
     ended: dict[str, int] = field(default_factory=dict)  # reason -> runs ended
+    held_back: int = 0  # stale runs the breaker kept from being stopped
 
     def add(self, reason: str) -> None:
         self.ended[reason] = self.ended.get(reason, 0) + 1
@@ -52,16 +54,16 @@ class Reaper:
         """End stale runs and runs whose cancel request was never acknowledged."""
         started = time.monotonic()
         report = ReapReport()
-        policy = self._ctx.policy
-        self._sweep(
-            report,
-            lambda conn, now: run_store.find_silent(
-                conn, silent_since=policy.stale_horizon(now), limit=self._batch
-            ),
-            policy.stale_horizon,
-            StopReason.HEARTBEAT_TIMEOUT,
-            detected_by,
-        )
+        if not self._breaker_tripped(report):
+            self._sweep(
+                report,
+                lambda conn, horizon: run_store.find_silent(
+                    conn, silent_since=horizon, limit=self._batch
+                ),
+                self._ctx.stale_horizon,
+                StopReason.HEARTBEAT_TIMEOUT,
+                detected_by,
+            )
         self._end_unacknowledged_cancels(report, detected_by)
         # Only a pass that got this far counts: operators alert on its absence.
         self._ctx.observer.reaper_passed(duration_seconds=time.monotonic() - started)
@@ -79,8 +81,8 @@ class Reaper:
         policy = self._ctx.policy
         self._sweep(
             report,
-            lambda conn, now: run_store.find_silent(
-                conn, silent_since=policy.startup_horizon(now), limit=self._batch
+            lambda conn, horizon: run_store.find_silent(
+                conn, silent_since=horizon, limit=self._batch
             ),
             policy.startup_horizon,
             StopReason.STARTUP_CLEANUP,
@@ -88,10 +90,10 @@ class Reaper:
         )
         self._sweep(
             report,
-            lambda conn, now: run_store.find_silent_with_nothing_left(
-                conn, silent_since=policy.stale_horizon(now), limit=self._batch
+            lambda conn, horizon: run_store.find_silent_with_nothing_left(
+                conn, silent_since=horizon, limit=self._batch
             ),
-            policy.stale_horizon,
+            self._ctx.stale_horizon,
             StopReason.EMPTY_QUEUE,
             "startup",
         )
@@ -103,12 +105,16 @@ class Reaper:
         self,
         report: ReapReport,
         find: Finder,
-        horizon: Callable[[datetime], datetime],
+        horizon: Callable[[datetime], datetime | None],
         reason: StopReason,
         detected_by: str,
     ) -> None:
+        def look(conn: Connection, now: datetime, notes: Notes) -> list[run_store.SilentRun]:
+            since = horizon(now)
+            return [] if since is None else find(conn, since)
+
         while True:
-            candidates = self._ctx.transact(lambda conn, now, notes: find(conn, now), caller=REAPER)
+            candidates = self._ctx.transact(look, caller=REAPER)
             if not candidates:
                 return
 
@@ -118,12 +124,15 @@ class Reaper:
                 notes: Notes,
                 batch: list[run_store.SilentRun] = candidates,
             ) -> list[Ended]:
+                since = horizon(now)
+                if since is None:  # trust was lost since the look: judge nothing
+                    return []
                 return self._ctx.end_silent(
                     conn,
                     notes,
                     batch,
                     now=now,
-                    silent_since=horizon(now),
+                    silent_since=since,
                     reason=reason,
                     detected_by=detected_by,
                     caller=REAPER,
@@ -135,6 +144,31 @@ class Reaper:
             # A full batch may hide more; one that ended nothing would loop forever.
             if len(candidates) < self._batch or not ended:
                 return
+
+    def _breaker_tripped(self, report: ReapReport) -> bool:
+        """Hold the whole pass back when it would stop more than the set share of running runs.
+
+        So many silent at once says more about heartbeats failing to arrive
+        (a partition between the workers and the replicas, an overloaded
+        database) than about that many workers dying; the next pass looks again.
+        """
+
+        def count(conn: Connection, now: datetime, notes: Notes) -> tuple[int, int]:
+            since = self._ctx.stale_horizon(now)
+            if since is None:
+                return 0, 0
+            return run_store.count_running_and_silent(conn, silent_since=since)
+
+        running, stale = self._ctx.transact(count, caller=REAPER)
+        if not self._ctx.policy.breaker_trips(stale=stale, running=running):
+            return False
+        report.held_back = stale
+        log.warning(
+            "reaper breaker tripped: stopping no run this pass",
+            extra={"stale": stale, "running": running, "share": self._ctx.policy.breaker_share},
+        )
+        self._ctx.observer.reaper_held_back(stale=stale, running=running)
+        return True
 
     def _end_unacknowledged_cancels(self, report: ReapReport, detected_by: str) -> None:
         policy = self._ctx.policy

@@ -75,6 +75,10 @@ class Settings:
     heartbeat_batch_max: int = 256
     heartbeat_batch_delay_seconds: float = 0.002
     heartbeat_queue_max: int = 4096
+    # The reaper's breaker: a pass that would stop more than this share of the
+    # running runs stops none (only with at least the minimum running).
+    reaper_breaker_share: float = 0.5
+    reaper_breaker_min_running: int = 4
 
     @property
     def effective_database_url(self) -> str:
@@ -89,6 +93,8 @@ class Settings:
             stale_after=timedelta(seconds=self.stale_after_seconds),
             startup_cleanup_after=timedelta(seconds=self.startup_cleanup_after_seconds),
             cancel_grace=timedelta(seconds=self.cancel_grace_seconds),
+            breaker_share=self.reaper_breaker_share,
+            breaker_min_running=self.reaper_breaker_min_running,
         )
 
     def slot_limits(self) -> SlotLimits:
@@ -238,6 +244,13 @@ def _tenant_series(raw: str) -> int:
     return value
 
 
+def _share(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
+        raise ValueError("must be a share above 0 and at most 1 (1 turns the breaker off)")
+    return value
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_DATA_DIR": ("data_dir", Path),
     "RUNSVC_DATABASE_URL": ("database_url", str),
@@ -286,6 +299,8 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_HEARTBEAT_BATCH_MAX": ("heartbeat_batch_max", _positive_int),
     "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS": ("heartbeat_batch_delay_seconds", _short_delay),
     "RUNSVC_HEARTBEAT_QUEUE_MAX": ("heartbeat_queue_max", _positive_int),
+    "RUNSVC_REAPER_BREAKER_SHARE": ("reaper_breaker_share", _share),
+    "RUNSVC_REAPER_BREAKER_MIN_RUNNING": ("reaper_breaker_min_running", _positive_int),
 }
 
 # Variables whose empty value means something (off) rather than "the default".

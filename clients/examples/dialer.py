@@ -28,6 +28,7 @@ from datetime import datetime
 from types import FrameType
 
 from runsvc_client import Job, JobResult, Lease, LeaseLost, RunsvcError, WorkerClient
+from runsvc_client.errors import DeadlineExceeded, Unavailable
 
 OUTCOMES = ("answered", "no_answer", "busy", "error")
 
@@ -64,6 +65,18 @@ class Dialer:
             return JobResult.completed(job.id)
         return JobResult.failed(job.id, result.upper())
 
+    def report(self, lease: Lease, result: JobResult) -> bool:
+        """Report one result; while the service is unreachable, retry until the lease fences."""
+        while True:
+            try:
+                lease.report([result])
+                return True
+            except LeaseLost:
+                return False
+            except (Unavailable, DeadlineExceeded):
+                if lease.lost.wait(0.2):
+                    return False
+
     def work(self, lease: Lease) -> None:
         run_id = lease.run_id
         verb = "resumed" if lease.resumed else "claimed"
@@ -79,9 +92,7 @@ class Dialer:
             for job in lease.jobs(batch_size=self.args.batch):
                 result = self.dial(job)
                 dialled += 1
-                try:
-                    lease.report([result])
-                except LeaseLost:
+                if not self.report(lease, result):
                     break
                 if dialled % self.args.progress_every == 0:
                     say(self.worker_id, f"run {run_id}: {dialled} calls dialled")

@@ -67,6 +67,11 @@ class MetricsObserver:
             registry=registry,
         )
         self.reaper_interval.set(reap_interval_seconds)
+        self.reaper_breaker_trips = Counter(
+            "runsvc_reaper_breaker_trips_total",
+            "Reaper passes that stopped nothing: too many running runs looked silent at once.",
+            registry=registry,
+        )
         # Series that exist from the start, so that rate() sees the first increment.
         for kind in DENIAL_KINDS:
             self.denials.labels(kind=kind)
@@ -101,6 +106,9 @@ class MetricsObserver:
     def reaper_passed(self, *, duration_seconds: float) -> None:
         self.reaper_last_duration.set(duration_seconds)
         self.reaper_last_success.set(time.time())
+
+    def reaper_held_back(self, *, stale: int, running: int) -> None:
+        self.reaper_breaker_trips.inc()
 
     # --- called from the gRPC edge ---------------------------------------------------
 

@@ -141,7 +141,9 @@ class BackendUseCases:
         """Stale detection on read: the same guarded finalization the reaper uses."""
         if run.state is not RunState.RUNNING:
             return False
-        horizon = self._ctx.policy.stale_horizon(now)
+        horizon = self._ctx.stale_horizon(now)
+        if horizon is None:
+            return False
         if run.last_heartbeat_time is not None and run.last_heartbeat_time >= horizon:
             return False
         ended = self._ctx.end_if_silent(

@@ -32,6 +32,7 @@ from runsvc.store import audit
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
 from runsvc.store.engine import Database
+from runsvc.trust import Attempt
 
 T = TypeVar("T")
 
@@ -112,10 +113,13 @@ class Context:
         transaction rolls back.
         """
         notes = Notes()
+        began: list[Attempt] = []
 
         def attempt(conn: Connection) -> T:
             notes.clear()
-            return work(conn, self.clock.now(conn), notes)
+            now = self.clock.now(conn)
+            began[:] = [self.db.trust.begin(now)]
+            return work(conn, now, notes)
 
         try:
             result = self.db.run(attempt)
@@ -125,6 +129,8 @@ class Context:
         except LeaseLost:
             self.observer.lease_lost()
             raise
+        if began:
+            self.db.trust.committed(began[0])
         for line in notes.lines:
             audit_log.info(line.pop("message"), extra={"audit": line})
             self.observer.audited(line)
@@ -133,6 +139,10 @@ class Context:
         for action in notes.after_commit:
             action()
         return result
+
+    def stale_horizon(self, now: datetime) -> datetime | None:
+        """The stale horizon at ``now`` for this replica (None: judge nothing stale now)."""
+        return self.policy.trusted_stale_horizon(now, self.db.trust.since)
 
     def release_slots(
         self,

@@ -24,6 +24,9 @@ class Observer(Protocol):
     def reaper_passed(self, *, duration_seconds: float) -> None:
         """A reaper pass finished without error."""
 
+    def reaper_held_back(self, *, stale: int, running: int) -> None:
+        """The breaker kept a reaper pass from stopping ``stale`` of ``running`` runs at once."""
+
 
 class NullObserver:
     """Observes nothing: the default, and what tests of the use cases get."""
@@ -38,4 +41,7 @@ class NullObserver:
         pass
 
     def reaper_passed(self, *, duration_seconds: float) -> None:
+        pass
+
+    def reaper_held_back(self, *, stale: int, running: int) -> None:
         pass

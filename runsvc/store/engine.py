@@ -23,6 +23,8 @@ from sqlalchemy.engine import make_url
 
 from runsvc import deadline
 from runsvc.errors import Unavailable
+from runsvc.store.watchdog import Watchdog
+from runsvc.trust import TrustTracker
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ T = TypeVar("T")
 # PostgreSQL SQLSTATEs for a transaction that lost a race and can simply run again.
 _RETRYABLE_PG_CODES = frozenset({"40001", "40P01"})
 _MAX_ATTEMPTS = 8
+# How long before a call's deadline the watchdog cuts a connection that has not answered.
+_WATCHDOG_MARGIN = 0.05
+# query_canceled: the call's own deadline ran out; the database answered.
+_NOT_AN_OUTAGE_PG_CODES = frozenset({"57014"})
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
@@ -38,14 +44,27 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it runs before the watchdog can guard the connection and
+        # would hang on a partition. A lost connection fails its one call and
+        # invalidates the whole pool, so the next call connects afresh.
+        pool_pre_ping=False,
         pool_timeout=10,
-        connect_args={"connect_timeout": 5} if parsed.get_driver_name() == "psycopg2" else {},
+        connect_args={"connect_timeout": 3} if parsed.get_driver_name() == "psycopg2" else {},
     )
+    if parsed.get_driver_name() == "psycopg2":
+
+        @event.listens_for(engine, "do_connect")
+        def _bounded_connect(_dialect: Any, _record: Any, _args: Any, params: Any) -> None:
+            # Connecting within the call's deadline; libpq's shortest timeout is 2 s.
+            left = deadline.remaining()
+            if left is not None:
+                params["connect_timeout"] = max(2, min(3, int(left)))
+
+    return engine
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -86,17 +105,35 @@ def _retryable(error: sa_exc.DBAPIError) -> bool:
 class Database:
     """Runs units of work in transactions, retrying those that lost a race."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, bound_seconds: float = 30.0) -> None:
         self.engine = engine
+        # Work outside a call (the reaper, heartbeat batches) is bounded by this.
+        self.bound_seconds = bound_seconds
+        self.watchdog = Watchdog()
+        # Any failure to reach the database resets it; Context marks the regain.
+        self.trust = TrustTracker()
 
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            left = deadline.remaining()
-            if left is not None and is_postgres(conn):
-                # No statement of this call may outlive its (capped) deadline.
-                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
-            yield conn
+        token: int | None = None
+        try:
+            with self.engine.begin() as conn:
+                left = deadline.remaining()
+                if is_postgres(conn):
+                    bound = self.bound_seconds if left is None else min(left, self.bound_seconds)
+                    # The server's own timeout first; the watchdog a little later,
+                    # still within the deadline, for when the server cannot answer.
+                    token = self.watchdog.arm(
+                        conn.connection.dbapi_connection, max(0.05, bound - _WATCHDOG_MARGIN)
+                    )
+                    if left is not None:
+                        # No statement of this call may outlive its (capped) deadline.
+                        timeout = max(1, int((left - 2 * _WATCHDOG_MARGIN) * 1000))
+                        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout}")
+                yield conn
+        finally:
+            if token is not None:
+                self.watchdog.disarm(token)
 
     def run(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in one transaction; commit if it returns, roll back if it raises.
@@ -114,9 +151,13 @@ class Database:
                     time.sleep(random.uniform(0, 0.005 * attempt))
                     continue
                 if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+                    if getattr(error.orig, "pgcode", None) not in _NOT_AN_OUTAGE_PG_CODES:
+                        self.trust.failed()
                     raise Unavailable(f"the store is unavailable: {error.orig}") from error
                 raise
             except sa_exc.TimeoutError as error:
+                # No connection to be had: heartbeats cannot be recorded either.
+                self.trust.failed()
                 raise Unavailable("the store's connection pool is exhausted") from error
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     cast,
     column,
     func,
@@ -405,6 +406,15 @@ def find_silent(conn: Connection, *, silent_since: datetime, limit: int) -> list
         .limit(limit)
     )
     return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
+
+
+def count_running_and_silent(conn: Connection, *, silent_since: datetime) -> tuple[int, int]:
+    """How many runs are running, and how many of them are silent since ``silent_since``."""
+    silent = func.sum(case((_silent_before(silent_since), 1), else_=0))
+    row = conn.execute(
+        select(func.count(), silent).where(runs.c.state == RunState.RUNNING.value)
+    ).one()
+    return int(row[0]), int(row[1] or 0)
 
 
 def find_unacknowledged_cancels(

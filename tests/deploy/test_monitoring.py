@@ -42,6 +42,7 @@ EXPECTED_ALERTS = {
     "RunsvcReaperStalled",
     "RunsvcSlotReleaseBacklogOld",
     "RunsvcGrpcErrorRatioHigh",
+    "RunsvcReaperBreakerHeld",
 }
 
 

@@ -254,3 +254,42 @@ def test_log_lines_of_a_call_carry_its_request_id_and_tenant(
     # An id that is not a sane token is replaced by a fresh one.
     assert len(refused["request_id"]) == 32 and refused["request_id"] != ended[0]["request_id"]
     assert refused["tenant"] == "t1" and refused["rpc"].endswith("/GetRun")
+
+
+def test_a_tripped_breaker_is_counted_and_stops_nothing(db_url: str, tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=db_url,
+        grpc_address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",
+        stale_after_seconds=STALE_AFTER,
+        reap_interval_seconds=0.2,
+        jwt_secret=SECRET,
+        grpc_max_workers=8,
+    )
+    running = Server(build(settings), secret=SECRET)
+    running.start()
+    try:
+        assert value(scrape(running), "runsvc_reaper_breaker_trips_total") == 0
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.RunServiceStub(channel)
+            for i in range(4):  # four runs whose workers all fall silent at once
+                tenant = f"t{i}"
+                stub.CreateRun(
+                    pb.CreateRunRequest(request_id="r", jobs=ONE_JOB),
+                    metadata=token("backend", tenant),
+                )
+                stub.ClaimRun(
+                    pb.ClaimRunRequest(worker_id=f"w{i}"),
+                    metadata=token("worker", tenant, subject=f"w{i}"),
+                )
+        wait_for(
+            lambda: value(scrape(running), "runsvc_reaper_breaker_trips_total") >= 2,
+            timeout=15,
+            step=0.2,
+        )
+        held = scrape(running)
+        assert value(held, "runsvc_runs", state="RUNNING") == 4
+        assert value(held, "runsvc_runs", state="STOPPED") == 0
+    finally:
+        running.stop(grace=0)

@@ -38,9 +38,14 @@ def test_slots_show_and_reconcile(tmp_path: Path, redis_url: str, redis_prefix: 
     figures = json.loads(shown.stdout)
     assert figures["tenants"] == [{"tenant_id": "acme", "in_use": 1, "in_progress": 0, "limit": 10}]
     assert figures["release_backlog"] == 0
+    # The invariant checker sees the same drift: a slot no job in progress holds.
+    checked = run(env, "check")
+    assert checked.returncode == 1, checked.stderr
+    assert json.loads(checked.stdout.splitlines()[0])["kind"] == "SLOTS"
     env["RUNSVC_SLOT_ORPHAN_GRACE_SECONDS"] = "0.001"
     fixed = run(env, "slots", "reconcile", "--tenant", "acme")
     assert fixed.returncode == 0, fixed.stderr
     assert json.loads(fixed.stdout)["orphans_removed"] == 1
     assert client.zcard(f"{redis_prefix}slots:acme") == 0
+    assert run(env, "check").returncode == 0
     client.close()

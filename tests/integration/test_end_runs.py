@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Connection, select
@@ -161,6 +162,12 @@ def test_the_reaper_ends_every_stale_run_batch_by_batch(
     fresh = start_run(service, "fresh")
     clock.advance(11)  # the first seven are 31 s silent, the last 11 s
 
+    # Seven of eight silent at once trips the breaker: nothing stops.
+    held = Reaper(service.context, batch_size=3).pass_once()
+    assert held.total == 0 and held.held_back == 7
+    assert snapshot(service, stale[0])["run"]["state"] == "RUNNING"
+
+    service.context.policy = replace(service.context.policy, breaker_share=1.0)
     report = Reaper(service.context, batch_size=3).pass_once()
 
     assert report.ended == {"HEARTBEAT_TIMEOUT": 4, "CANCELLED_BY_USER": 3}

@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from runsvc import cli
 from runsvc.clock import FakeClock
 from runsvc.domain import LivenessPolicy
-from runsvc.reaper import Reaper
+from runsvc.reaper import REAPER, Reaper
 from runsvc.service import RunService
 from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store import adopt, migrate
@@ -296,10 +296,13 @@ def test_adopted_runs_are_judged_by_runsvc_rules(
     run_cli(monkeypatch, seed_url, "--adopt-seed")
     db = Database(make_engine(seed_url))
     try:
-        clock = FakeClock(utc(NOW))
+        # A replica that has had database access for 31 s already.
+        clock = FakeClock(utc(NOW) - timedelta(seconds=31))
         service = RunService(
             db=db, clock=clock, slots=StoreSlots(SlotLimits(default=3)), policy=LivenessPolicy()
         )
+        service.context.transact(lambda conn, now, notes: None, caller=REAPER)
+        clock.advance(31)
         report = Reaper(service.context).pass_once()
         # Runs 1 and 5 have been silent for longer than 30 s: both stop.
         assert report.ended == {"HEARTBEAT_TIMEOUT": 2}

@@ -142,3 +142,77 @@ def test_liveness_with_a_fractional_stale_after() -> None:
     assert heartbeat > policy.stale_horizon(NOW)
     assert NOW - timedelta(seconds=2) < policy.stale_horizon(NOW)
     assert policy.stale_time(heartbeat).tzinfo is UTC
+
+
+def test_silence_counts_from_when_database_access_was_regained() -> None:
+    policy = LivenessPolicy(stale_after=timedelta(seconds=30))
+    # Trusted long ago: the ordinary horizon.
+    assert policy.trusted_stale_horizon(NOW, NOW - timedelta(hours=1)) == NOW - timedelta(
+        seconds=30
+    )
+    # Access regained 10 s ago: no run may be judged stale, however old its heartbeat.
+    assert policy.trusted_stale_horizon(NOW, NOW - timedelta(seconds=10)) is None
+    # Exactly at the threshold: not yet (stale means strictly older).
+    assert policy.trusted_stale_horizon(NOW, NOW - timedelta(seconds=30)) is None
+    assert policy.trusted_stale_horizon(NOW, NOW - timedelta(seconds=31)) == NOW - timedelta(
+        seconds=30
+    )
+    # No trusted access at all: nothing is stale.
+    assert policy.trusted_stale_horizon(NOW, None) is None
+
+
+@pytest.mark.parametrize("last_age", [0, 10, 29, 31, 45, 100])
+@pytest.mark.parametrize("trust_age", [0, 10, 29, 31, 45, 100])
+def test_trusted_horizon_is_the_max_rule(last_age: int, trust_age: int) -> None:
+    """stale  <=>  now - max(last_sign_of_life, trusted_since) > stale_after."""
+    policy = LivenessPolicy(stale_after=timedelta(seconds=30))
+    last = NOW - timedelta(seconds=last_age)
+    trusted = NOW - timedelta(seconds=trust_age)
+    horizon = policy.trusted_stale_horizon(NOW, trusted)
+    judged_stale = horizon is not None and last < horizon
+    assert judged_stale == (NOW - max(last, trusted) > timedelta(seconds=30))
+
+
+def test_breaker_trips_on_more_than_the_share_of_enough_running_runs() -> None:
+    policy = LivenessPolicy()
+    assert policy.breaker_share == 0.5 and policy.breaker_min_running == 4
+    assert not policy.breaker_trips(stale=2, running=4)  # exactly half: stop them
+    assert policy.breaker_trips(stale=3, running=4)
+    assert policy.breaker_trips(stale=1000, running=1000)
+    assert not policy.breaker_trips(stale=3, running=3)  # too few runs to tell an outage
+    assert not policy.breaker_trips(stale=0, running=100)
+    strict = LivenessPolicy(breaker_share=0.1, breaker_min_running=10)
+    assert strict.breaker_trips(stale=2, running=10)
+    assert not strict.breaker_trips(stale=1, running=10)
+
+
+def test_trust_starts_untrusted_and_is_regained_by_a_clean_commit() -> None:
+    from runsvc.trust import TrustTracker
+
+    trust = TrustTracker()
+    assert trust.since is None
+    first = trust.begin(NOW)
+    trust.committed(first)
+    assert trust.since == NOW
+    later = trust.begin(NOW + timedelta(seconds=5))
+    trust.committed(later)
+    assert trust.since == NOW  # uninterrupted: still from the first commit
+    in_flight = trust.begin(NOW + timedelta(seconds=6))
+    trust.failed()
+    assert trust.since is None
+    trust.committed(in_flight)  # began before the failure: proves nothing after it
+    assert trust.since is None
+    regained = trust.begin(NOW + timedelta(seconds=9))
+    trust.committed(regained)
+    assert trust.since == NOW + timedelta(seconds=9)
+
+
+def test_slot_check_allows_more_in_redis_only_while_releases_wait() -> None:
+    from runsvc.store.check import slot_violations
+
+    assert slot_violations({"a": (2, 2), "b": (0, 0)}, pending_releases=0) == []
+    assert slot_violations({"a": (3, 2)}, pending_releases=1) == []
+    assert [v.kind for v in slot_violations({"a": (3, 2)}, pending_releases=0)] == ["SLOTS"]
+    assert [v.kind for v in slot_violations({"a": (1, 2)}, pending_releases=5)] == ["SLOTS"]
+    kinds = [v.kind for v in slot_violations({"a": (None, 2)}, pending_releases=0)]
+    assert kinds == ["SLOTS_UNREADABLE"]

@@ -1,0 +1,44 @@
+"""The watchdog cuts a connection whose server does not answer, within the call's deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from runsvc import deadline
+from runsvc.errors import Unavailable
+from runsvc.store.engine import Database, make_engine
+from tests.support.proxy import TcpProxy
+
+pytestmark = pytest.mark.postgres
+
+
+def test_a_partitioned_call_fails_unavailable_before_its_deadline(postgres_url: str) -> None:
+    url = make_url(postgres_url)
+    with TcpProxy(upstream=(url.host or "127.0.0.1", url.port or 5432)) as proxy:
+        host, port = proxy.address.rsplit(":", 1)
+        through = url.set(host=host, port=int(port)).render_as_string(hide_password=False)
+        db = Database(make_engine(through, pool_size=1))
+        try:
+            assert db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar()) == 1
+            assert db.trust.since is None  # Context marks trust; a bare run only loses it
+            proxy.blackhole()
+            token = deadline.set(time.monotonic() + 1.0)
+            started = time.monotonic()
+            try:
+                with pytest.raises(Unavailable):
+                    db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+            finally:
+                deadline.reset(token)
+            took = time.monotonic() - started
+            assert took < 1.0, took
+            assert db.watchdog.cuts == 1
+            proxy.restore()
+            # The pool was invalidated: the next call connects afresh and works.
+            assert db.run(lambda conn: conn.exec_driver_sql("SELECT 2").scalar()) == 2
+        finally:
+            db.dispose()
+    assert not [t for t in threading.enumerate() if t.name.startswith("proxy-")]
