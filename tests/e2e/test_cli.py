@@ -139,17 +139,10 @@ def kill(process: subprocess.Popen[bytes]) -> None:
     process.wait(timeout=SHUTDOWN_TIMEOUT)
 
 
-def start_server(data_dir: Path) -> ServerProcess:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    stderr_path = data_dir.parent / f"{data_dir.name}-server.stderr"
-    address = f"127.0.0.1:{free_port()}"
-    env = {
-        **clean_environ(),
-        "RUNSVC_DATA_DIR": str(data_dir),
-        "RUNSVC_GRPC_ADDRESS": address,
-        "RUNSVC_STALE_AFTER_SECONDS": "1.5",
-        "RUNSVC_REAP_INTERVAL_SECONDS": "0.5",
-    }
+def spawn_server(
+    env: dict[str, str], data_dir: Path, address: str, stderr_path: Path
+) -> ServerProcess:
+    """``runsvc serve`` in a process of its own with ``env``, once it answers SERVING."""
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
             [*runsvc_command(), "serve"],
@@ -165,6 +158,20 @@ def start_server(data_dir: Path) -> ServerProcess:
         kill(process)
         raise
     return server
+
+
+def start_server(data_dir: Path) -> ServerProcess:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stderr_path = data_dir.parent / f"{data_dir.name}-server.stderr"
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        **clean_environ(),
+        "RUNSVC_DATA_DIR": str(data_dir),
+        "RUNSVC_GRPC_ADDRESS": address,
+        "RUNSVC_STALE_AFTER_SECONDS": "1.5",
+        "RUNSVC_REAP_INTERVAL_SECONDS": "0.5",
+    }
+    return spawn_server(env, data_dir, address, stderr_path)
 
 
 @pytest.fixture(scope="module")

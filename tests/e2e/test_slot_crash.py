@@ -8,7 +8,6 @@ second process on the same database and Redis must apply that release once.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,8 +25,7 @@ from tests.e2e.test_cli import (
     free_port,
     json_lines,
     kill,
-    runsvc_command,
-    wait_serving,
+    spawn_server,
 )
 from tests.redis_process import RedisProcess
 
@@ -54,21 +52,7 @@ def start(data_dir: Path, pg_url: str, redis_url: str, name: str, **extra: str) 
         "RUNSVC_SLOT_ORPHAN_GRACE_SECONDS": "300",
         **extra,
     }
-    with stderr_path.open("wb") as stderr:
-        process = subprocess.Popen(
-            [*runsvc_command(), "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    server = ServerProcess(process, data_dir, address, stderr_path)
-    try:
-        wait_serving(server)
-    except BaseException:
-        kill(process)
-        raise
-    return server
+    return spawn_server(env, data_dir, address, stderr_path)
 
 
 def outbox(pg_url: str) -> int:

@@ -30,9 +30,7 @@ from tests.e2e.test_cli import (
     clean_environ,
     free_port,
     json_lines,
-    kill,
-    runsvc_command,
-    wait_serving,
+    spawn_server,
 )
 
 pytestmark = pytest.mark.postgres
@@ -67,21 +65,7 @@ def start_server(
         "RUNSVC_GRPC_MAX_WORKERS": "8",
         **extra,
     }
-    with stderr_path.open("wb") as stderr:
-        process = subprocess.Popen(
-            [*runsvc_command(), "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    server = ServerProcess(process, data_dir, address, stderr_path)
-    try:
-        wait_serving(server)
-    except BaseException:
-        kill(process)
-        raise
-    return server
+    return spawn_server(env, data_dir, address, stderr_path)
 
 
 @dataclass
