@@ -223,17 +223,48 @@ class Context:
             reason=(reason or StopReason.WORKER_FAILED).value,
             now=now,
         )
+        ended, audit_row = self._fan_out(
+            conn,
+            notes,
+            row,
+            failed,
+            reason=reason,
+            now=now,
+            tag=tag,
+            caller=caller,
+            detected_by=detected_by,
+        )
+        audit.record_many(conn, [audit_row], now=now)
+        return ended
+
+    def _fan_out(
+        self,
+        conn: Connection,
+        notes: Notes,
+        row: Any,
+        failed: job_store.FailedJobs,
+        *,
+        reason: StopReason | None,
+        now: datetime,
+        tag: str,
+        caller: Caller,
+        detected_by: str,
+    ) -> tuple[Ended, dict[str, Any]]:
+        """What follows a run's terminal statement: its slot release, its audit row, its log line.
+
+        Returns the ending and the audit row to write (callers write them in one statement).
+        """
         release = self.release_slots(
             conn,
             notes,
             tenant_id=row.tenant_id,
-            run_id=run_id,
+            run_id=row.id,
             slots=failed.freed,
             cause=detected_by,
             now=now,
         )
         ended = Ended(
-            run_id,
+            row.id,
             row.tenant_id,
             RunState(row.state),
             reason.value if reason else None,
@@ -243,24 +274,22 @@ class Context:
         )
         detail = {
             "state": ended.state.value,
-            "reason": reason.value if reason else None,
+            "reason": ended.reason,
             "detected_by": detected_by,
             "failed_jobs": ended.failed_jobs,
             "released_slots": ended.released_slots,
             "caller_role": caller.role,
         }
-        audit.record(
-            conn,
-            tag=tag,
-            action=RUN_ENDED,
-            tenant_id=row.tenant_id,
-            run_id=run_id,
-            actor=caller.subject,
-            now=now,
-            detail=detail,
-        )
-        notes.add(message="run ended", tag=tag, run_id=run_id, tenant_id=row.tenant_id, **detail)
-        return ended
+        notes.add(message="run ended", tag=tag, run_id=row.id, tenant_id=row.tenant_id, **detail)
+        event = {
+            "tag": tag,
+            "action": RUN_ENDED,
+            "tenant_id": row.tenant_id,
+            "run_id": row.id,
+            "actor": caller.subject,
+            "detail": detail,
+        }
+        return ended, event
 
     def end_if_silent(
         self,
@@ -366,50 +395,22 @@ class Context:
             now=now,
         )
         ended = []
-        events = []
+        audit_rows: list[dict[str, Any]] = []
         for row in sorted(rows, key=lambda r: r.id):
-            jobs_failed = failed[row.id]
-            release = self.release_slots(
+            one, audit_row = self._fan_out(
                 conn,
                 notes,
-                tenant_id=row.tenant_id,
-                run_id=row.id,
-                slots=jobs_failed.freed,
-                cause=detected_by,
+                row,
+                failed[row.id],
+                reason=reason,
                 now=now,
-            )
-            one = Ended(
-                row.id,
-                row.tenant_id,
-                RunState(row.state),
-                reason.value if reason else None,
-                jobs_failed.total,
-                jobs_failed.in_progress,
-                release,
-            )
-            detail = {
-                "state": one.state.value,
-                "reason": one.reason,
-                "detected_by": detected_by,
-                "failed_jobs": one.failed_jobs,
-                "released_slots": one.released_slots,
-                "caller_role": caller.role,
-            }
-            events.append(
-                {
-                    "tag": tag,
-                    "action": RUN_ENDED,
-                    "tenant_id": row.tenant_id,
-                    "run_id": row.id,
-                    "actor": caller.subject,
-                    "detail": detail,
-                }
-            )
-            notes.add(
-                message="run ended", tag=tag, run_id=row.id, tenant_id=row.tenant_id, **detail
+                tag=tag,
+                caller=caller,
+                detected_by=detected_by,
             )
             ended.append(one)
-        audit.record_many(conn, events, now=now)
+            audit_rows.append(audit_row)
+        audit.record_many(conn, audit_rows, now=now)
         return ended
 
     def end_silent(
