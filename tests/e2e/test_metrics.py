@@ -257,23 +257,27 @@ def test_log_lines_of_a_call_carry_its_request_id_and_tenant(
 
 
 def test_a_tripped_breaker_is_counted_and_stops_nothing(db_url: str, tmp_path: Path) -> None:
-    settings = Settings(
-        data_dir=tmp_path,
-        database_url=db_url,
-        grpc_address="127.0.0.1:0",
-        metrics_address="127.0.0.1:0",
-        stale_after_seconds=STALE_AFTER,
-        reap_interval_seconds=0.2,
-        jwt_secret=SECRET,
-        grpc_max_workers=8,
-    )
-    running = Server(build(settings), secret=SECRET)
-    running.start()
+    def settings(reap_interval: float) -> Settings:
+        return Settings(
+            data_dir=tmp_path,
+            database_url=db_url,
+            grpc_address="127.0.0.1:0",
+            metrics_address="127.0.0.1:0",
+            stale_after_seconds=STALE_AFTER,
+            reap_interval_seconds=reap_interval,
+            startup_cleanup_after_seconds=3600,
+            jwt_secret=SECRET,
+            grpc_max_workers=8,
+        )
+
+    # Four runs whose workers all fall silent, set up on a server whose reaper
+    # waits: however slow the set-up, none of them can be reaped one by one.
+    setup = Server(build(settings(reap_interval=3600)), secret=SECRET)
+    setup.start()
     try:
-        assert value(scrape(running), "runsvc_reaper_breaker_trips_total") == 0
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{setup.port}") as channel:
             stub = pb_grpc.RunServiceStub(channel)
-            for i in range(4):  # four runs whose workers all fall silent at once
+            for i in range(4):
                 tenant = f"t{i}"
                 stub.CreateRun(
                     pb.CreateRunRequest(request_id="r", jobs=ONE_JOB),
@@ -283,6 +287,14 @@ def test_a_tripped_breaker_is_counted_and_stops_nothing(db_url: str, tmp_path: P
                     pb.ClaimRunRequest(worker_id=f"w{i}"),
                     metadata=token("worker", tenant, subject=f"w{i}"),
                 )
+    finally:
+        setup.stop(grace=0)
+    # A new replica counts silence from its own start, so all four turn stale
+    # together under its eager reaper: the breaker must hold every pass back.
+    running = Server(build(settings(reap_interval=0.2)), secret=SECRET)
+    running.start()
+    try:
+        assert value(scrape(running), "runsvc_reaper_breaker_trips_total") == 0
         wait_for(
             lambda: value(scrape(running), "runsvc_reaper_breaker_trips_total") >= 2,
             timeout=15,
