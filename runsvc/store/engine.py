@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +35,10 @@ _RETRYABLE_PG_CODES = frozenset({"40001", "40P01"})
 _MAX_ATTEMPTS = 8
 # How long before a call's deadline the watchdog cuts a connection that has not answered.
 _WATCHDOG_MARGIN = 0.05
+
+# Where a transaction that already read PostgreSQL's now() keeps it, in
+# ``Connection.info``, for the DatabaseClock.
+TRANSACTION_NOW = "runsvc.transaction_now"
 # query_canceled: the call's own deadline ran out; the database answered.
 _NOT_AN_OUTAGE_PG_CODES = frozenset({"57014"})
 
@@ -128,9 +132,18 @@ class Database:
                     )
                     if left is not None:
                         # No statement of this call may outlive its (capped) deadline.
+                        # The same round trip reads the transaction's clock, which
+                        # every use case asks for next (see DatabaseClock).
                         timeout = max(1, int((left - 2 * _WATCHDOG_MARGIN) * 1000))
-                        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout}")
-                yield conn
+                        conn.info[TRANSACTION_NOW] = conn.exec_driver_sql(
+                            f"SELECT now(), set_config('statement_timeout', '{timeout}', true)"
+                        ).scalar_one()
+                try:
+                    yield conn
+                finally:
+                    # info outlives the checkout: the next transaction reads its own clock.
+                    with suppress(sa_exc.SQLAlchemyError):
+                        conn.info.pop(TRANSACTION_NOW, None)
         finally:
             if token is not None:
                 self.watchdog.disarm(token)

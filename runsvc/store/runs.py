@@ -27,6 +27,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    true,
     update,
     values,
 )
@@ -143,23 +144,57 @@ def _with_counts(conn: Connection, rows: Sequence[Row[Any]]) -> list[Run]:
     return [_run_from_row(row, counts[row.id]) for row in rows]
 
 
+# A run's job counts beside its row, in the same statement, on PostgreSQL: a
+# lateral aggregate over the run's jobs (its index on run_id). Reads of one run
+# (GetActive, GetRun) then cost one round trip rather than two.
+_COUNTS = (
+    select(
+        func.count().label("count_total"),
+        *(
+            func.count().filter(jobs.c.state == state).label(f"count_{state.value.lower()}")
+            for state in (
+                JobState.QUEUED,
+                JobState.IN_PROGRESS,
+                JobState.COMPLETED,
+                JobState.FAILED,
+            )
+        ),
+    )
+    .where(jobs.c.run_id == runs.c.id)
+    .lateral("counts")
+)
+
+
+def _one_run(conn: Connection, *where: ColumnElement[bool]) -> Run | None:
+    """The one run matching ``where``, with its job counts."""
+    if not is_postgres(conn):  # SQLite has no LATERAL: two statements
+        row = conn.execute(select(runs).where(*where)).one_or_none()
+        return _with_counts(conn, [row])[0] if row is not None else None
+    row = conn.execute(
+        select(runs, _COUNTS).select_from(runs.join(_COUNTS, true())).where(*where)
+    ).one_or_none()
+    if row is None:
+        return None
+    counts = JobCounts(
+        total=row.count_total,
+        queued=row.count_queued,
+        in_progress=row.count_in_progress,
+        completed=row.count_completed,
+        failed=row.count_failed,
+    )
+    return _run_from_row(row, counts)
+
+
 def get(conn: Connection, run_id: str, *, tenant_id: str | None) -> Run | None:
-    row = conn.execute(select(runs).where(runs.c.id == run_id, _scoped(tenant_id))).one_or_none()
-    return _with_counts(conn, [row])[0] if row is not None else None
+    return _one_run(conn, runs.c.id == run_id, _scoped(tenant_id))
 
 
 def get_by_request(conn: Connection, request_id: str, *, tenant_id: str) -> Run | None:
-    row = conn.execute(
-        select(runs).where(runs.c.tenant_id == tenant_id, runs.c.request_id == request_id)
-    ).one_or_none()
-    return _with_counts(conn, [row])[0] if row is not None else None
+    return _one_run(conn, runs.c.tenant_id == tenant_id, runs.c.request_id == request_id)
 
 
 def get_active(conn: Connection, *, tenant_id: str) -> Run | None:
-    row = conn.execute(
-        select(runs).where(runs.c.tenant_id == tenant_id, _state_in(ACTIVE_STATES))
-    ).one_or_none()
-    return _with_counts(conn, [row])[0] if row is not None else None
+    return _one_run(conn, runs.c.tenant_id == tenant_id, _state_in(ACTIVE_STATES))
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 import pytest
 from sqlalchemy import Connection
 
 from runsvc import deadline
 from runsvc.errors import Unavailable
+from runsvc.store.clock import DatabaseClock
 from runsvc.store.engine import Database, make_engine
 
 
@@ -30,5 +32,30 @@ def test_the_deadline_becomes_the_statement_timeout(postgres_url: str) -> None:
         finally:
             deadline.reset(token)
         assert db.run(_timeout) == "0"  # SET LOCAL ended with its transaction
+    finally:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_the_clock_read_with_the_bound_is_the_transactions_own(postgres_url: str) -> None:
+    """The bound's round trip also reads now(); the clock reuses it in that transaction only."""
+    db = Database(make_engine(postgres_url, pool_size=1))  # one connection: reused each time
+    clock = DatabaseClock()
+
+    def readings(conn: Connection) -> tuple[datetime, datetime]:
+        return clock.now(conn), conn.exec_driver_sql("SELECT now()").scalar_one()
+
+    token = deadline.set(time.monotonic() + 10.0)
+    try:
+        first, first_server = db.run(readings)
+        time.sleep(0.01)
+        second, second_server = db.run(readings)
+    finally:
+        deadline.reset(token)
+    try:
+        assert first == first_server and second == second_server
+        assert second > first  # the reading did not outlive its transaction
+        untimed, untimed_server = db.run(readings)  # no deadline: read on demand
+        assert untimed == untimed_server > second
     finally:
         db.dispose()
