@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 PY_SOURCES += $(wildcard bench)
 
-.PHONY: bench bench-history bench-soak help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
+.PHONY: bench bench-history bench-soak bench-pg help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -93,6 +93,9 @@ bench-history: $(INSTALL_STAMP) services ## Benchmark with 10k and 1M historical
 
 bench-soak: $(INSTALL_STAMP) services ## The benchmark plus 10 minutes of heartbeats, server RSS sampled
 	$(VENV_PY) -m bench.run --soak 600 --output bench/results/soak.json $(BENCH_ARGS)
+
+bench-pg: $(INSTALL_STAMP) services ## PostgreSQL's heartbeat write budget: rows/s and WAL bytes per batch size
+	$(VENV_PY) -m bench.pg_budget --output bench/results/pg_budget.json $(BENCH_ARGS)
 
 .PHONY: test-faults
 test-faults: $(INSTALL_STAMP) ## Full fault suite: 20 repetitions, 10 s/20 s restarts at a 30 s threshold, 1,000 property examples
