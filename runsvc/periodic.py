@@ -88,15 +88,20 @@ class IntervalLease:
         except RunsvcError as error:
             log.info("lease not given up; it expires", extra={"job": self.job, "error": str(error)})
 
-    def run(self, work: Callable[[], T]) -> T | None:
-        """``work()`` if this replica takes the turn, else None (counted as skipped)."""
-        if not self.take():
+    def run(self, work: Callable[[], T], *, urgent: bool = False) -> T | None:
+        """``work()`` if this replica takes the turn, else None (counted as skipped).
+
+        ``urgent`` work runs whoever's turn it is, and takes the turn if it is free.
+        """
+        took = self.take()
+        if not (took or urgent):
             self.observer.background_pass(self.job, done=False)
             return None
         try:
             result = work()
         except BaseException:
-            self.give_up()
+            if took:
+                self.give_up()
             raise
         self.observer.background_pass(self.job, done=True)
         return result

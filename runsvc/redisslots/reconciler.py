@@ -16,8 +16,9 @@ the jobs in progress, so that every race resolves safely:
 Replicas take turns: a periodic pass needs the reconciler's lease for the
 interval (:mod:`runsvc.periodic`), so the fleet compares about once per
 interval, not once per replica. A rebuild never waits for a turn: every
-replica that finds Redis not ready rebuilds at once, which is safe for the
-reasons above (two passes that meet restore the same slots, ``ZADD NX``).
+replica that finds Redis not ready rebuilds at once (taking the turn if it is
+free), which is safe for the reasons above (two passes that meet restore the
+same slots, ``ZADD NX``).
 
 When Redis lost its data (restart, flush) the ``ready`` marker is gone and no
 slot is granted until a pass has rebuilt every tenant from PostgreSQL; then
@@ -144,9 +145,9 @@ class Reconciler:
 
         Raises on Redis and store errors (a failed pass gives its turn up).
         """
-        if self.turn is None or not self._store.is_ready():
+        if self.turn is None:
             return self.pass_once()
-        return self.turn.run(self.pass_once)
+        return self.turn.run(self.pass_once, urgent=not self._store.is_ready())
 
     def _undo_restores_that_ended(self, restored: dict[str, list[str]], scope: str | None) -> None:
         """A job that left progress after the read had its release applied before the

@@ -535,8 +535,10 @@ def test_a_rebuild_waits_for_nobodys_turn(
     redis_client: redis.Redis,
     redis_prefix: str,
 ) -> None:
-    pair, _, _ = reconcilers
+    pair, _, registries = reconcilers
     assert pair[0].pass_if_due() is not None  # replica 0 holds this interval's turn
     redis_client.delete(f"{redis_prefix}ready")  # Redis lost its slots
     report = pair[1].pass_if_due()
     assert report is not None and report.rebuilt
+    assert passes(registries[1], "slot_reconciler") == {"done": 1, "skipped": 0}
+    assert pair[1].pass_if_due() is None  # rebuilt: back to taking turns
