@@ -1,11 +1,20 @@
 """The background finalizer: ends runs whose worker went silent.
 
-Every pass finds a batch of candidates in one short read (an index scan
-over the silent runs only), then ends the whole batch in one transaction:
-one guarded statement that re-checks silence with that transaction's clock
-(a heartbeat that lands in between wins, and replicas reaping at once cannot
-end a run twice), then the jobs and audit rows of the runs it ended, set by
-set.
+Every batch is one transaction: it claims its candidates (an index scan over
+the silent runs only, locking the rows it returns and skipping rows another
+replica's pass holds), then ends them with one guarded statement that
+re-checks silence with that transaction's clock (a heartbeat that committed
+first wins), then writes the jobs and audit rows of the runs it ended, set by
+set. Replicas reaping at once therefore take disjoint batches: each stale run
+is read, attempted and ended by one of them. On SQLite, the single-process
+embedded default, the transaction holds the database's write lock instead.
+
+Each replica judges silence only from its own trusted horizon (see
+:meth:`runsvc.domain.LivenessPolicy.trusted_stale_horizon`), and runs its own
+breaker: the breaker counts the fleet's running and silent runs, so every
+replica that trusts its access reaches the same verdict, and sharing the
+batches does not change it (a batch ends as many silent runs as running ones,
+which only lowers the share that later counts see).
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from runsvc.store import runs as run_store
 log = logging.getLogger(__name__)
 
 REAPER = Caller(subject="runsvc-reaper", role="system")
+# The reaper's name among the background jobs whose passes are counted.
+PASS_JOB = "reaper"
 
 # (connection, horizon) -> candidates silent since before the horizon
 Finder = Callable[[Connection, datetime], list[run_store.SilentRun]]
@@ -36,6 +47,7 @@ Finder = Callable[[Connection, datetime], list[run_store.SilentRun]]
 class ReapReport:
     ended: dict[str, int] = field(default_factory=dict)  # reason -> runs ended
     held_back: int = 0  # stale runs the breaker kept from being stopped
+    claimed: int = 0  # candidates this pass took (another replica's pass takes the rest)
 
     def add(self, reason: str) -> None:
         self.ended[reason] = self.ended.get(reason, 0) + 1
@@ -54,7 +66,8 @@ class Reaper:
         """End stale runs and runs whose cancel request was never acknowledged."""
         started = time.monotonic()
         report = ReapReport()
-        if not self._breaker_tripped(report):
+        stale = self._stale_unless_breaker_trips(report)
+        if stale:
             self._sweep(
                 report,
                 lambda conn, horizon: run_store.find_silent(
@@ -67,6 +80,9 @@ class Reaper:
         self._end_unacknowledged_cancels(report, detected_by)
         # Only a pass that got this far counts: operators alert on its absence.
         self._ctx.observer.reaper_passed(duration_seconds=time.monotonic() - started)
+        # Stale runs were there, yet another replica's pass had claimed every one.
+        skipped = bool(stale) and not report.claimed
+        self._ctx.observer.background_pass(PASS_JOB, done=not skipped)
         return report
 
     def startup_pass(self) -> ReapReport:
@@ -109,48 +125,40 @@ class Reaper:
         reason: StopReason,
         detected_by: str,
     ) -> None:
-        def look(conn: Connection, now: datetime, notes: Notes) -> list[run_store.SilentRun]:
+        def work(conn: Connection, now: datetime, notes: Notes) -> tuple[int, list[Ended]]:
             since = horizon(now)
-            return [] if since is None else find(conn, since)
+            if since is None:  # no trusted horizon now: judge nothing
+                return 0, []
+            candidates = find(conn, since)
+            ended = self._ctx.end_silent(
+                conn,
+                notes,
+                candidates,
+                now=now,
+                silent_since=since,
+                reason=reason,
+                detected_by=detected_by,
+                caller=REAPER,
+            )
+            return len(candidates), ended
 
         while True:
-            candidates = self._ctx.transact(look, caller=REAPER)
-            if not candidates:
-                return
-
-            def work(
-                conn: Connection,
-                now: datetime,
-                notes: Notes,
-                batch: list[run_store.SilentRun] = candidates,
-            ) -> list[Ended]:
-                since = horizon(now)
-                if since is None:  # trust was lost since the look: judge nothing
-                    return []
-                return self._ctx.end_silent(
-                    conn,
-                    notes,
-                    batch,
-                    now=now,
-                    silent_since=since,
-                    reason=reason,
-                    detected_by=detected_by,
-                    caller=REAPER,
-                )
-
-            ended = self._ctx.transact(work, caller=REAPER)
+            claimed, ended = self._ctx.transact(work, caller=REAPER)
+            report.claimed += claimed
             for one in ended:
                 report.add(one.reason or one.state.value)
             # A full batch may hide more; one that ended nothing would loop forever.
-            if len(candidates) < self._batch or not ended:
+            if claimed < self._batch or not ended:
                 return
 
-    def _breaker_tripped(self, report: ReapReport) -> bool:
-        """Hold the whole pass back when it would stop more than the set share of running runs.
+    def _stale_unless_breaker_trips(self, report: ReapReport) -> int:
+        """How many runs look stale to this replica; 0 when the breaker holds the pass back.
 
-        So many silent at once says more about heartbeats failing to arrive
-        (a partition between the workers and the replicas, an overloaded
-        database) than about that many workers dying; the next pass looks again.
+        The pass is held back when it would stop more than the set share of the
+        running runs: so many silent at once says more about heartbeats failing
+        to arrive (a partition between the workers and the replicas, an
+        overloaded database) than about that many workers dying; the next pass
+        looks again.
         """
 
         def count(conn: Connection, now: datetime, notes: Notes) -> tuple[int, int]:
@@ -161,28 +169,24 @@ class Reaper:
 
         running, stale = self._ctx.transact(count, caller=REAPER)
         if not self._ctx.policy.breaker_trips(stale=stale, running=running):
-            return False
+            return stale
         report.held_back = stale
         log.warning(
             "reaper breaker tripped: stopping no run this pass",
             extra={"stale": stale, "running": running, "share": self._ctx.policy.breaker_share},
         )
         self._ctx.observer.reaper_held_back(stale=stale, running=running)
-        return True
+        return 0
 
     def _end_unacknowledged_cancels(self, report: ReapReport, detected_by: str) -> None:
         policy = self._ctx.policy
-        candidates = self._ctx.transact(
-            lambda conn, now, notes: run_store.find_unacknowledged_cancels(
-                conn, requested_before=policy.cancel_horizon(now), limit=self._batch
-            ),
-            caller=REAPER,
-        )
-        if not candidates:
-            return
 
-        def work(conn: Connection, now: datetime, notes: Notes) -> list[Ended]:
-            return self._ctx.end_runs(
+        def work(conn: Connection, now: datetime, notes: Notes) -> tuple[int, list[Ended]]:
+            before = policy.cancel_horizon(now)
+            candidates = run_store.find_unacknowledged_cancels(
+                conn, requested_before=before, limit=self._batch
+            )
+            ended = self._ctx.end_runs(
                 conn,
                 notes,
                 [c.id for c in candidates],
@@ -190,13 +194,16 @@ class Reaper:
                 event=Event.LOST_WHILE_CANCELLING,
                 reason=StopReason.CANCEL_TIMEOUT,
                 now=now,
-                guard=run_store.Guard(cancel_requested_before=policy.cancel_horizon(now)),
+                guard=run_store.Guard(cancel_requested_before=before),
                 tag="STALE_DETECTION",
                 caller=REAPER,
                 detected_by=detected_by,
             )
+            return len(candidates), ended
 
-        for _ in self._ctx.transact(work, caller=REAPER):
+        claimed, ended = self._ctx.transact(work, caller=REAPER)
+        report.claimed += claimed
+        for _ in ended:
             report.add(StopReason.CANCEL_TIMEOUT.value)
 
     def run_forever(self, stop: threading.Event, *, interval: float) -> None:

@@ -119,6 +119,8 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Components:
         tenant_series_limit=settings.metrics_tenant_series,
         slot_backlog=sync.backlog if sync else no_slot_backlog,
     )
+    if sync is not None:
+        sync.observe(metrics.observer)
     service = RunService(
         db=db,
         clock=clock,

@@ -69,12 +69,13 @@ def postgres_url() -> Iterator[str]:
     admin.dispose()
 
 
+TABLES = "runs, jobs, audit_events, slot_releases, leases"
+
+
 def _truncate(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(
-            text("TRUNCATE runs, jobs, audit_events, slot_releases RESTART IDENTITY CASCADE")
-        )
+        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
     engine.dispose()
 
 

@@ -12,6 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 # reaper, at startup, from the command line, or by the calls that end runs.
 DETECTED_BY = ("read", "reaper", "startup", "cli", "worker", "cancel", "force_cancel")
 DENIAL_KINDS = ("unauthenticated", "role", "run_not_visible")
+# Background jobs whose work replicas share, and what became of one of their passes.
+BACKGROUND_JOBS = ("reaper", "slot_reconciler")
+PASS_RESULTS = ("done", "skipped")
 
 
 class MetricsObserver:
@@ -72,9 +75,19 @@ class MetricsObserver:
             "Reaper passes that stopped nothing: too many running runs looked silent at once.",
             registry=registry,
         )
+        self.background_passes = Counter(
+            "runsvc_background_passes_total",
+            "Passes of background jobs by this replica: done, or skipped because another "
+            "replica held the work (the reconciler's lease; every stale run already claimed).",
+            ["job", "result"],
+            registry=registry,
+        )
         # Series that exist from the start, so that rate() sees the first increment.
         for kind in DENIAL_KINDS:
             self.denials.labels(kind=kind)
+        for job in BACKGROUND_JOBS:
+            for result in PASS_RESULTS:
+                self.background_passes.labels(job=job, result=result)
         self.slot_releases.labels(cause="run_ended")
 
     # --- the Observer protocol ---------------------------------------------------
@@ -109,6 +122,9 @@ class MetricsObserver:
 
     def reaper_held_back(self, *, stale: int, running: int) -> None:
         self.reaper_breaker_trips.inc()
+
+    def background_pass(self, job: str, *, done: bool) -> None:
+        self.background_passes.labels(job=job, result="done" if done else "skipped").inc()
 
     # --- called from the gRPC edge ---------------------------------------------------
 

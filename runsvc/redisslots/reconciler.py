@@ -13,6 +13,13 @@ the jobs in progress, so that every race resolves safely:
 * a slot whose AcquireJobs has not committed yet looks orphaned; it is only
   removed once untouched for the grace period (far longer than a transaction).
 
+Replicas take turns: a periodic pass needs the reconciler's lease for the
+interval (:mod:`runsvc.periodic`), so the fleet compares about once per
+interval, not once per replica. A rebuild never waits for a turn: every
+replica that finds Redis not ready rebuilds at once (taking the turn if it is
+free), which is safe for the reasons above (two passes that meet restore the
+same slots, ``ZADD NX``).
+
 When Redis lost its data (restart, flush) the ``ready`` marker is gone and no
 slot is granted until a pass has rebuilt every tenant from PostgreSQL; then
 the marker is set. Over-admission is therefore bounded by the slots granted
@@ -32,6 +39,7 @@ from sqlalchemy import Connection
 
 from runsvc.domain import HeldSlot
 from runsvc.errors import RunsvcError
+from runsvc.periodic import IntervalLease
 from runsvc.redisslots.backend import RedisSlotStore
 from runsvc.redisslots.metrics import SlotMetrics
 from runsvc.store import jobs as job_store
@@ -80,8 +88,11 @@ class Reconciler:
         *,
         grace_seconds: float = 10.0,
         interval: float = 30.0,
+        turn: IntervalLease | None = None,
     ) -> None:
         self._db = db
+        # None: this reconciler never shares (a single process, or an operator's command).
+        self.turn = turn
         self._store = store
         self._metrics = metrics
         self._grace_ms = int(grace_seconds * 1000)
@@ -129,6 +140,15 @@ class Reconciler:
             log.info("slots reconciled", extra={"reconcile": report.as_dict()})
         return report
 
+    def pass_if_due(self) -> ReconcileReport | None:
+        """A pass if it is this replica's turn, or a rebuild if Redis lost its slots; else None.
+
+        Raises on Redis and store errors (a failed pass gives its turn up).
+        """
+        if self.turn is None:
+            return self.pass_once()
+        return self.turn.run(self.pass_once, urgent=not self._store.is_ready())
+
     def _undo_restores_that_ended(self, restored: dict[str, list[str]], scope: str | None) -> None:
         """A job that left progress after the read had its release applied before the
         restore put its slot back: remove those now. Safe without a grace period, since
@@ -146,7 +166,7 @@ class Reconciler:
         while not stop.is_set():
             self._wake.clear()
             try:
-                self.pass_once()
+                self.pass_if_due()
             except (redis.RedisError, RunsvcError) as error:
                 log.warning("slot reconcile failed; retrying", extra={"error": str(error)})
                 stop.wait(1.0)

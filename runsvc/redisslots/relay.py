@@ -3,9 +3,12 @@
 Every replica runs one. A release recorded in a transaction is applied right
 after its commit when Redis answers (``apply_now``); whatever is left — Redis
 down, a replica that died after committing — the relay drains, oldest first,
-retrying with capped exponential backoff. A release names exact slots, so
-applying it twice (two replicas, a retry) frees nothing else; the replica that
-deletes the row counts it as applied.
+retrying with capped exponential backoff. Either way a relay first claims the
+rows it applies, for ``claim_seconds`` (database time): the relays of several
+replicas drain disjoint rows, and a failed attempt frees its claims for the
+retry. A release names exact slots, so applying it twice (a claim that
+expired under a stalled relay) frees nothing else; the replica that deletes
+the row counts it as applied.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import logging
 import random
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 
 import redis
 from sqlalchemy import Connection
 
+from runsvc.clock import Clock
 from runsvc.errors import RunsvcError
+from runsvc.periodic import replica_name
 from runsvc.redisslots.backend import RedisSlotStore
 from runsvc.redisslots.metrics import SlotMetrics
 from runsvc.store import slot_releases
@@ -28,6 +34,9 @@ log = logging.getLogger(__name__)
 
 BATCH = 100
 FIRST_BACKOFF = 0.1
+# Far longer than applying a batch takes; a relay that dies holding claims delays their rows
+# by this much, and one that outlives them costs a repeated (harmless) application.
+CLAIM_SECONDS = 30.0
 
 
 class ReleaseRelay:
@@ -37,11 +46,17 @@ class ReleaseRelay:
         store: RedisSlotStore,
         metrics: SlotMetrics,
         *,
+        clock: Clock,
         interval: float = 1.0,
         max_backoff: float = 5.0,
         hold: bool = False,
+        claim_seconds: float = CLAIM_SECONDS,
+        holder: str | None = None,
     ) -> None:
         self._db = db
+        self._clock = clock
+        self._claim_for = timedelta(seconds=claim_seconds)
+        self.holder = holder or replica_name()
         self._store = store
         self._metrics = metrics
         self._interval = interval
@@ -62,7 +77,8 @@ class ReleaseRelay:
     def apply_now(self, release_id: int) -> bool:
         """Apply one just-committed release if Redis is answering; never raises.
 
-        False leaves it to the relay (and wakes it); the caller answers at once.
+        False leaves it to the relay (and wakes it), or says that another
+        replica's relay had claimed it first; the caller answers at once.
         """
         if self._hold:
             return False
@@ -70,7 +86,7 @@ class ReleaseRelay:
             self.wake()
             return False
         try:
-            self._apply(ids=[release_id])
+            applied = self._apply(ids=[release_id])
         except (redis.RedisError, RunsvcError) as error:
             log.info(
                 "slot release left to the relay",
@@ -78,7 +94,7 @@ class ReleaseRelay:
             )
             self.wake()
             return False
-        return True
+        return applied == 1
 
     def keep_alive(self, tenant_id: str, run_id: str, lease_epoch: int) -> None:
         with self._refresh_lock:
@@ -108,9 +124,19 @@ class ReleaseRelay:
         return refreshed
 
     def _apply(self, *, ids: Sequence[int] | None) -> int:
-        rows = self._db.run(
-            lambda conn: slot_releases.pending(conn, tenant_id=None, limit=BATCH, ids=ids)
-        )
+        def claim(conn: Connection) -> list[slot_releases.PendingRelease]:
+            now = self._clock.now(conn)
+            return slot_releases.claim(
+                conn,
+                tenant_id=None,
+                holder=self.holder,
+                now=now,
+                until=now + self._claim_for,
+                limit=BATCH,
+                ids=ids,
+            )
+
+        rows = self._db.run(claim)
         if not rows:
             return 0
         done: list[int] = []
@@ -125,7 +151,9 @@ class ReleaseRelay:
             reason = str(error)
 
             def note(conn: Connection) -> None:
-                slot_releases.note_failure(conn, failed, tenant_id=None, error=reason)
+                slot_releases.note_failure(
+                    conn, failed, tenant_id=None, holder=self.holder, error=reason
+                )
 
             self._db.run(note)
             raise

@@ -11,6 +11,7 @@ from sqlalchemy import Connection
 
 from runsvc.clock import Clock
 from runsvc.errors import RunsvcError
+from runsvc.periodic import IntervalLease, PassObserver
 from runsvc.redisslots.backend import Health, RedisSlots, RedisSlotStore, connect
 from runsvc.redisslots.metrics import SlotFigures, SlotMetrics, TenantSlots
 from runsvc.redisslots.reconciler import Reconciler
@@ -21,6 +22,9 @@ from runsvc.store import slot_releases
 from runsvc.store.engine import Database
 
 log = logging.getLogger(__name__)
+
+# The reconciler's lease, and its name among the background jobs whose passes are counted.
+RECONCILER_JOB = "slot_reconciler"
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class SlotSync:
     def start(self) -> None:
         """Rebuild or check the slots once, then run the relay and the reconciler."""
         try:
-            self.reconciler.pass_once()
+            self.reconciler.pass_if_due()
         except (redis.RedisError, RunsvcError) as error:
             log.warning("slots not reconciled at start; retrying", extra={"error": str(error)})
         targets = [("slot-relay", self.relay.run_forever)]
@@ -74,6 +78,11 @@ class SlotSync:
         for thread in self._threads:
             thread.join(timeout=timeout)
         self.store.client.close()
+
+    def observe(self, observer: PassObserver) -> None:
+        """Count the reconciler's passes, done or skipped, with ``observer`` (the metrics)."""
+        if self.reconciler.turn is not None:
+            self.reconciler.turn.observer = observer
 
     def backlog(self) -> tuple[int, float]:
         """Slot releases not yet applied to Redis, and the oldest one's age in seconds."""
@@ -137,6 +146,7 @@ def build(db: Database, clock: Clock, limits: SlotLimits, config: RedisSlotConfi
         db,
         store,
         metrics,
+        clock=clock,
         interval=config.relay_interval_seconds,
         max_backoff=config.relay_max_backoff_seconds,
         hold=config.hold_releases_for_tests,
@@ -147,6 +157,9 @@ def build(db: Database, clock: Clock, limits: SlotLimits, config: RedisSlotConfi
         metrics,
         grace_seconds=config.orphan_grace_seconds,
         interval=config.reconcile_interval_seconds,
+        turn=IntervalLease(
+            db, clock, job=RECONCILER_JOB, interval=config.reconcile_interval_seconds
+        ),
     )
     slots = RedisSlots(
         store,

@@ -27,6 +27,9 @@ class Observer(Protocol):
     def reaper_held_back(self, *, stale: int, running: int) -> None:
         """The breaker kept a reaper pass from stopping ``stale`` of ``running`` runs at once."""
 
+    def background_pass(self, job: str, *, done: bool) -> None:
+        """A pass of a background ``job`` was done, or skipped: another replica held its work."""
+
 
 class NullObserver:
     """Observes nothing: the default, and what tests of the use cases get."""
@@ -44,4 +47,7 @@ class NullObserver:
         pass
 
     def reaper_held_back(self, *, stale: int, running: int) -> None:
+        pass
+
+    def background_pass(self, job: str, *, done: bool) -> None:
         pass

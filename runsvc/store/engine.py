@@ -17,7 +17,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, FromClause, Select, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
@@ -29,6 +29,7 @@ from runsvc.trust import TrustTracker
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+S = TypeVar("S", bound=Select[Any])
 
 # PostgreSQL SQLSTATEs for a transaction that lost a race and can simply run again.
 _RETRYABLE_PG_CODES = frozenset({"40001", "40P01"})
@@ -97,6 +98,21 @@ def _sqlite_engine(url: str) -> Engine:
 
 def is_postgres(conn_or_engine: Connection | Engine) -> bool:
     return conn_or_engine.dialect.name == "postgresql"
+
+
+def claiming(conn: Connection, query: S, *, of: FromClause) -> S:
+    """``query`` locking the rows of ``of`` it reads until the transaction ends, skipping
+    rows another transaction holds: concurrent replicas take disjoint batches.
+
+    PostgreSQL: ``FOR UPDATE OF … SKIP LOCKED``. SQLite has no row locks and no
+    SKIP LOCKED; it needs none, since every transaction there begins IMMEDIATE
+    and so holds the database's one write lock from its first statement: a
+    transaction that reads candidates and ends them is alone (and the embedded
+    default is one process, with no other replica to share with).
+    """
+    if is_postgres(conn):
+        return query.with_for_update(skip_locked=True, of=of)
+    return query
 
 
 def _retryable(error: sa_exc.DBAPIError) -> bool:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Row,
+    Select,
     String,
     and_,
     bindparam,
@@ -44,7 +45,7 @@ from runsvc.domain import (
     sources,
     target,
 )
-from runsvc.store.engine import is_postgres
+from runsvc.store.engine import claiming, is_postgres
 from runsvc.store.schema import jobs, runs
 
 # The seed's fallback: a run with no heartbeat is judged by its lock, then by its last update.
@@ -262,8 +263,7 @@ def claim_pending(
         .order_by(runs.c.created_at, runs.c.id)
         .limit(1)
     )
-    if is_postgres(conn):
-        oldest = oldest.with_for_update(skip_locked=True)
+    oldest = claiming(conn, oldest, of=runs)
     return conn.execute(
         update(runs)
         .where(runs.c.id == oldest.scalar_subquery(), _state_in(sources(Event.CLAIM)))
@@ -428,19 +428,29 @@ class SilentRun:
     cancel_requested: bool
 
 
+def _claim(conn: Connection, query: Select[Any]) -> list[SilentRun]:
+    rows = conn.execute(claiming(conn, query, of=runs))
+    return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
+
+
+# The finders below claim the runs they return for the rest of the transaction
+# (see :func:`runsvc.store.engine.claiming`): replicas reaping at once take
+# disjoint batches instead of all reading, then racing for, the same runs.
+
+
 def find_silent(conn: Connection, *, silent_since: datetime, limit: int) -> list[SilentRun]:
-    """Running runs with no sign of life since ``silent_since``, oldest first.
+    """Running runs with no sign of life since ``silent_since``, oldest first; claimed.
 
     Served by the partial index on running runs' heartbeats: it reads the
     silent runs only, however many runs are running or in the history.
     """
-    rows = conn.execute(
+    return _claim(
+        conn,
         select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
         .where(runs.c.state == RunState.RUNNING.value, _silent_before(silent_since))
         .order_by(last_sign_of_life, runs.c.id)
-        .limit(limit)
+        .limit(limit),
     )
-    return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
 
 
 def count_running_and_silent(conn: Connection, *, silent_since: datetime) -> tuple[int, int]:
@@ -455,34 +465,35 @@ def count_running_and_silent(conn: Connection, *, silent_since: datetime) -> tup
 def find_unacknowledged_cancels(
     conn: Connection, *, requested_before: datetime, limit: int
 ) -> list[SilentRun]:
-    """Running runs whose cancel request has waited since before ``requested_before``."""
-    rows = conn.execute(
+    """Running runs whose cancel request has waited since before ``requested_before``; claimed."""
+    return _claim(
+        conn,
         select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
         .where(
             runs.c.state == RunState.RUNNING.value,
             runs.c.cancel_requested.is_(True),
             runs.c.cancel_requested_at < requested_before,
         )
-        .order_by(runs.c.cancel_requested_at)
-        .limit(limit)
+        .order_by(runs.c.cancel_requested_at, runs.c.id)
+        .limit(limit),
     )
-    return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
 
 
 def find_silent_with_nothing_left(
     conn: Connection, *, silent_since: datetime, limit: int
 ) -> list[SilentRun]:
-    """Silent running runs with no queued and no in-progress job (the seed's empty-queue rule)."""
-    rows = conn.execute(
+    """Silent running runs with no queued and no in-progress job (the seed's empty-queue
+    rule); claimed."""
+    return _claim(
+        conn,
         select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
         .where(
             runs.c.state == RunState.RUNNING.value,
             _silent_before(silent_since),
             ~_has_unfinished_jobs,
         )
-        .limit(limit)
+        .limit(limit),
     )
-    return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
 
 
 @dataclass(frozen=True)

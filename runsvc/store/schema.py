@@ -172,4 +172,18 @@ slot_releases = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text),
+    # Which relay is applying the row, and until when its claim holds: two
+    # replicas never apply one row at once, and a claim dies with its holder.
+    Column("claimed_by", String(128)),
+    Column("claimed_until", UtcDateTime),
+)
+
+# Leases on once-per-interval jobs (the slot reconciler): one row per job,
+# naming the replica whose turn it is until ``expires_at`` (database time).
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
 )

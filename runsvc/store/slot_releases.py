@@ -1,8 +1,11 @@
 """The slot-release outbox: rows written with the state change, deleted once applied.
 
 ``tenant_id=None`` means every tenant, as the relay and the metrics need.
-Applying a release twice is harmless (it removes exact slot names), so
-replicas may race on a row; whoever deletes it counts it as applied.
+A relay claims the rows it applies (:func:`claim`), so two replicas never
+apply one row at once; a claim expires, so the rows of a relay that died are
+taken by another. Applying a release twice is harmless (it removes exact slot
+names), so a claim that outlived its time costs a repeat, never a loss; the
+one delete that returns a row counts it as applied.
 """
 
 from __future__ import annotations
@@ -11,8 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Connection, delete, func, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 
+from runsvc.store.engine import claiming
 from runsvc.store.schema import slot_releases
 
 
@@ -62,14 +76,32 @@ def add(
     )
 
 
-def pending(
-    conn: Connection, *, tenant_id: str | None, limit: int, ids: Sequence[int] | None = None
+def claim(
+    conn: Connection,
+    *,
+    tenant_id: str | None,
+    holder: str,
+    now: datetime,
+    until: datetime,
+    limit: int,
+    ids: Sequence[int] | None = None,
 ) -> list[PendingRelease]:
-    """Pending releases, oldest first."""
-    query = select(slot_releases).where(_scoped(tenant_id))
+    """Pending releases nobody else is applying, oldest first, now ``holder``'s until ``until``.
+
+    One guarded UPDATE over the rows it locks (skipping rows that a
+    concurrent claim holds): two relays claiming at once get disjoint rows.
+    """
+    free = or_(slot_releases.c.claimed_until.is_(None), slot_releases.c.claimed_until <= now)
+    chosen = select(slot_releases.c.id).where(_scoped(tenant_id), free)
     if ids is not None:
-        query = query.where(slot_releases.c.id.in_(ids))
-    rows = conn.execute(query.order_by(slot_releases.c.id).limit(limit))
+        chosen = chosen.where(slot_releases.c.id.in_(ids))
+    chosen = claiming(conn, chosen.order_by(slot_releases.c.id).limit(limit), of=slot_releases)
+    rows = conn.execute(
+        update(slot_releases)
+        .where(slot_releases.c.id.in_(chosen), free)
+        .values(claimed_by=holder, claimed_until=until)
+        .returning(*slot_releases.c)
+    ).all()
     return [
         PendingRelease(
             r.id,
@@ -80,7 +112,7 @@ def pending(
             r.created_at,
             r.attempts,
         )
-        for r in rows
+        for r in sorted(rows, key=lambda r: r.id)
     ]
 
 
@@ -97,13 +129,23 @@ def remove(conn: Connection, ids: Sequence[int], *, tenant_id: str | None) -> se
 
 
 def note_failure(
-    conn: Connection, ids: Sequence[int], *, tenant_id: str | None, error: str
+    conn: Connection, ids: Sequence[int], *, tenant_id: str | None, holder: str, error: str
 ) -> None:
+    """Count a failed attempt and free ``holder``'s claims, so that any relay may retry."""
     if ids:
         conn.execute(
             update(slot_releases)
-            .where(slot_releases.c.id.in_(ids), _scoped(tenant_id))
-            .values(attempts=slot_releases.c.attempts + 1, last_error=error[:1000])
+            .where(
+                slot_releases.c.id.in_(ids),
+                _scoped(tenant_id),
+                slot_releases.c.claimed_by == holder,
+            )
+            .values(
+                attempts=slot_releases.c.attempts + 1,
+                last_error=error[:1000],
+                claimed_by=None,
+                claimed_until=None,
+            )
         )
 
 
