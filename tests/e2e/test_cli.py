@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,30 @@ class ServerProcess:
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address)
 
+    def metrics(self) -> str:
+        """Its /metrics page (the port from its "serving metrics" log line)."""
+        port = next(
+            line["metrics_port"]
+            for line in json_lines(self.stderr())
+            if line.get("message") == "serving metrics"
+        )
+        return scrape(int(port))
+
+
+def scrape(metrics_port: int) -> str:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def handled_calls(metrics: str, method: str = "") -> float:
+    """``grpc_server_handled_total`` of ``method`` (every method when empty), every code."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("grpc_server_handled_total{") and f'grpc_method="{method}' in line
+    )
+
 
 def wait_serving(server: ServerProcess) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -140,12 +165,13 @@ def kill(process: subprocess.Popen[bytes]) -> None:
 
 
 def spawn_server(
-    env: dict[str, str], data_dir: Path, address: str, stderr_path: Path
+    env: dict[str, str], data_dir: Path, address: str, stderr_path: Path, *serve_args: str
 ) -> ServerProcess:
-    """``runsvc serve`` in a process of its own with ``env``, once it answers SERVING."""
+    """``runsvc serve [serve_args]`` in a process of its own with ``env``, once it answers
+    SERVING."""
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
-            [*runsvc_command(), "serve"],
+            [*runsvc_command(), "serve", *serve_args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
