@@ -35,7 +35,7 @@ from tests.faults.conftest import (
     wait_until,
 )
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 STALE = 3.0  # heartbeats every 1 s, self-fencing after 2 s
 LIVE_WORKERS = 3
