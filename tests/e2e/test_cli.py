@@ -136,8 +136,8 @@ def handled_calls(metrics: str, method: str = "") -> float:
     )
 
 
-def wait_serving(server: ServerProcess) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
+def wait_serving(server: ServerProcess, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
     with server.channel() as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -152,9 +152,7 @@ def wait_serving(server: ServerProcess) -> None:
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the server was not SERVING within {STARTUP_TIMEOUT} s:\n{server.stderr()}"
-                )
+                pytest.fail(f"the server was not SERVING within {timeout} s:\n{server.stderr()}")
             time.sleep(0.1)
 
 
@@ -165,10 +163,15 @@ def kill(process: subprocess.Popen[bytes]) -> None:
 
 
 def spawn_server(
-    env: dict[str, str], data_dir: Path, address: str, stderr_path: Path, *serve_args: str
+    env: dict[str, str],
+    data_dir: Path,
+    address: str,
+    stderr_path: Path,
+    *serve_args: str,
+    timeout: float = STARTUP_TIMEOUT,
 ) -> ServerProcess:
     """``runsvc serve [serve_args]`` in a process of its own with ``env``, once it answers
-    SERVING."""
+    SERVING (within ``timeout`` seconds)."""
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
             [*runsvc_command(), "serve", *serve_args],
@@ -179,7 +182,7 @@ def spawn_server(
         )
     server = ServerProcess(process, data_dir, address, stderr_path)
     try:
-        wait_serving(server)
+        wait_serving(server, timeout)
     except BaseException:
         kill(process)
         raise
