@@ -70,7 +70,7 @@ run: $(INSTALL_STAMP) ## Apply the migrations, then serve
 migrate: $(INSTALL_STAMP) ## Apply the database migrations
 	$(VENV)/bin/runsvc migrate
 
-bench: $(INSTALL_STAMP) services ## Benchmark on the local PostgreSQL; JSON to bench/results/ (BENCH_ARGS=...)
+bench: $(INSTALL_STAMP) services ## Benchmark on the local PostgreSQL, --workers 2 against 1 included; JSON to bench/results/ (BENCH_ARGS=...)
 	$(VENV_PY) -m bench.run $(BENCH_ARGS)
 
 demo: $(INSTALL_STAMP) ## A worker crash and a force-cancel on a fresh server (about a minute)

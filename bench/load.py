@@ -3,7 +3,8 @@
 Keeps ``--concurrency`` calls in flight with ``grpc.aio`` for ``--duration``
 seconds after a warm-up, then prints one JSON object: calls, errors,
 throughput, p50/p99 latency, and the server's CPU seconds per call (read
-from ``/proc/PID/stat`` around the measured window).
+from ``/proc/PID/stat`` around the measured window, summed over the processes
+of ``runsvc serve --workers N``). ``--channels`` opens that many connections.
 """
 
 from __future__ import annotations
@@ -29,9 +30,29 @@ from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants: the processes of ``runsvc serve --workers N``."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            found += process_tree(int(child))
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each process of the server, by pid (one gone meanwhile is left out)."""
+    seconds = {}
+    for one in process_tree(pid):
+        try:
+            seconds[one] = cpu_seconds(one)
+        except FileNotFoundError:
+            continue
+    return seconds
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -43,17 +64,32 @@ def percentile(sorted_values: list[float], q: float) -> float:
 Call = Callable[[int], Awaitable[Any]]
 
 
-def make_call(
-    rpc: str, channel: grpc.aio.Channel, targets: list[dict[str, Any]], secret: str
-) -> Call:
-    stub = pb_grpc.RunServiceStub(channel)
+Metadata = list[tuple[str, str]]
 
-    def auth(role: str, tenant: str | None, subject: str | None = None) -> list[tuple[str, str]]:
+
+def credentials(
+    targets: list[dict[str, Any]], secret: str
+) -> tuple[list[Metadata], list[Metadata]]:
+    """A worker's and a backend's token for each target, issued once for every channel."""
+
+    def auth(role: str, tenant: str | None, subject: str | None = None) -> Metadata:
         token = tokens.issue(secret, role=role, tenant_id=tenant, ttl_seconds=3600, subject=subject)
         return [("authorization", f"Bearer {token}")]
 
-    worker_md = [auth("worker", t["tenant_id"], t.get("worker_id")) for t in targets]
-    backend_md = [auth("backend", t["tenant_id"]) for t in targets]
+    return (
+        [auth("worker", t["tenant_id"], t.get("worker_id")) for t in targets],
+        [auth("backend", t["tenant_id"]) for t in targets],
+    )
+
+
+def make_call(
+    rpc: str,
+    channel: grpc.aio.Channel,
+    targets: list[dict[str, Any]],
+    worker_md: list[Metadata],
+    backend_md: list[Metadata],
+) -> Call:
+    stub = pb_grpc.RunServiceStub(channel)
 
     if rpc == "Check":
         health = health_pb2_grpc.HealthStub(channel)
@@ -83,11 +119,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     errors: dict[str, int] = {}
     measuring = False
     stop_at = 0.0
-    async with grpc.aio.insecure_channel(args.address) as channel:
-        call = make_call(args.rpc, channel, targets, args.secret)
+    # Each channel its own connection: with `serve --workers N` the kernel spreads
+    # connections, not calls, over the processes.
+    channels = [
+        grpc.aio.insecure_channel(args.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(args.channels)
+    ]
+    try:
+        worker_md, backend_md = credentials(targets, args.secret)
+        calls_by_channel = [
+            make_call(args.rpc, c, targets, worker_md, backend_md) for c in channels
+        ]
 
         async def loop(slot: int) -> None:
             index = slot % len(targets)
+            call = calls_by_channel[slot % len(calls_by_channel)]
             while time.monotonic() < stop_at:
                 started = time.perf_counter()
                 try:
@@ -103,12 +149,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tasks = [asyncio.create_task(loop(i)) for i in range(args.concurrency)]
         await asyncio.sleep(args.warmup)
         measuring = True
-        cpu_before, wall_before = cpu_seconds(args.server_pid), time.monotonic()
+        cpu_before, wall_before = tree_cpu_seconds(args.server_pid), time.monotonic()
         await asyncio.sleep(args.duration)
         measuring = False
-        cpu_after, wall_after = cpu_seconds(args.server_pid), time.monotonic()
+        cpu_after, wall_after = tree_cpu_seconds(args.server_pid), time.monotonic()
         await asyncio.gather(*tasks)
+    finally:
+        for channel in channels:
+            await channel.close()
     latencies.sort()
+    cpu_by_process = {
+        pid: cpu_after[pid] - cpu_before.get(pid, 0.0)
+        for pid in cpu_after
+        if pid != args.server_pid
+    }
+    cpu = sum(cpu_after.values()) - sum(cpu_before.get(pid, 0.0) for pid in cpu_after)
     calls = len(latencies)
     wall = wall_after - wall_before
     return {
@@ -119,7 +174,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "throughput": calls / wall,
         "p50_ms": percentile(latencies, 0.50) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
-        "server_cpu_us_per_call": (cpu_after - cpu_before) / max(calls, 1) * 1e6,
+        "server_cpu_us_per_call": cpu / max(calls, 1) * 1e6,
+        "channels": args.channels,
+        # With `serve --workers N`: CPU seconds of each process (how evenly the load spread).
+        "server_cpu_seconds_by_process": sorted(cpu_by_process.values(), reverse=True),
     }
 
 
@@ -130,6 +188,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--channels", type=int, default=1, help="connections to the server")
     parser.add_argument("--targets", help="JSON file: [{tenant_id, run_id, lease_epoch}]")
     parser.add_argument("--server-pid", type=int, required=True)
     parser.add_argument("--secret", default=os.environ.get("RUNSVC_JWT_SECRET", ""))

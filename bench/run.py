@@ -5,8 +5,10 @@ each path from a separate load process (``bench.load``): the health Check
 (an empty handler: the ceiling), Heartbeat at 16/64/256 in flight, GetActive,
 GetRun, a worker's ClaimRun + AcquireJobs + ReportJobs over 1,000 jobs, and
 reaper passes over 10,000 running runs. Every path is reported as a ratio
-to the ceiling measured in the same run. Results: a table on stdout and
-JSON in ``bench/results/``.
+to the ceiling measured in the same run. Then Check and Heartbeat at 64 in
+flight again on ``runsvc serve --workers 1`` and ``--workers 2`` (16
+connections each: the kernel spreads connections over the processes), side
+by side. Results: a table on stdout and JSON in ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bench.load import process_tree
 from runsvc import tokens
 from runsvc.server import build
 from runsvc.settings import Settings
@@ -128,10 +132,33 @@ def load(url: str, *, history: int) -> list[dict[str, Any]]:
     ]
 
 
+def free_ports(count: int) -> int:
+    """A port p with p .. p + count - 1 all free (the metrics of `serve --workers N`)."""
+    for _ in range(100):
+        base = free_port()
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for offset, sock in enumerate(sockets):
+                sock.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+    raise SystemExit(f"no {count} consecutive free ports")
+
+
 class ServerProcess:
-    def __init__(self, url: str, workdir: Path, *, extra_env: dict[str, str]) -> None:
+    """``runsvc serve [--workers N]`` in a process of its own, once every process serves."""
+
+    def __init__(
+        self, url: str, workdir: Path, *, extra_env: dict[str, str], workers: int = 1
+    ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.workers = workers
+        self.metrics_port = free_ports(workers)
         env = {
             **os.environ,
             "RUNSVC_DATABASE_URL": url,
@@ -142,30 +169,36 @@ class ServerProcess:
             "RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS": "7200",
             "RUNSVC_REAP_INTERVAL_SECONDS": "3600",
             "RUNSVC_LOG_LEVEL": "WARNING",
-            "RUNSVC_METRICS_ADDRESS": "127.0.0.1:0",
+            "RUNSVC_METRICS_ADDRESS": f"127.0.0.1:{self.metrics_port}",
             # The benchmark measures the paths, not the per-tenant rate limits.
             "RUNSVC_RATE_LIMITS": ",".join(
                 f"{name}=1000000:1000000" for name in ("read", "write", "worker", "heartbeat")
             ),
             **extra_env,
         }
-        self.log = (workdir / "server.log").open("w")
+        self.log = (workdir / f"server-{workers}.log").open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runsvc.cli", "serve"], env=env, stderr=self.log
+            [sys.executable, "-m", "runsvc.cli", "serve", "--workers", str(workers)],
+            env=env,
+            stderr=self.log,
         )
         self._wait_serving()
 
     def _wait_serving(self) -> None:
         deadline = time.monotonic() + 30
+        # Each process binds its metrics port just before it serves gRPC.
+        pending = [self.metrics_port + i for i in range(self.workers)]
         with grpc.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
+                pending = [port for port in pending if not answers_http(port)]
                 try:
                     answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING and not pending:
                         return
                 except grpc.RpcError:
-                    time.sleep(0.2)
+                    pass
+                time.sleep(0.2)
         raise SystemExit("the server did not start; see its log")
 
     def stop(self) -> None:
@@ -174,8 +207,22 @@ class ServerProcess:
         self.log.close()
 
 
+def answers_http(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def drive(
-    server: ServerProcess, rpc: str, concurrency: int, targets: Path, duration: float
+    server: ServerProcess,
+    rpc: str,
+    concurrency: int,
+    targets: Path,
+    duration: float,
+    *,
+    channels: int = 1,
 ) -> dict[str, Any]:
     output = subprocess.run(
         [
@@ -196,6 +243,8 @@ def drive(
             str(server.process.pid),
             "--secret",
             SECRET,
+            "--channels",
+            str(channels),
         ],
         check=True,
         capture_output=True,
@@ -277,6 +326,9 @@ def reaper_passes(url: str, workdir: Path, *, running: int, stale: int) -> dict[
     engine.dispose()
     settings = Settings(data_dir=workdir, database_url=url, stale_after_seconds=30)
     components = build(settings)
+    # As `runsvc reap --once` does: a process that has just started has seen no heartbeat
+    # fail to arrive, so it judges nothing until vouched for.
+    components.db.trust.vouch()
     try:
         started = time.perf_counter()
         first = components.reaper.pass_once()
@@ -316,6 +368,28 @@ def machine() -> dict[str, Any]:
     }
 
 
+def workers_table(section: dict[str, Any]) -> list[str]:
+    one, many = section["workers"]
+    lines = [
+        f"`serve --workers {many}` against `--workers {one}` "
+        f"({section['channels']} connections each):",
+        "",
+        f"| path | --workers {one} calls/s | --workers {many} calls/s | change | "
+        f"p99 ms ({one} / {many}) | server CPU s by process (--workers {many}) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rpc, concurrency in WORKERS_PLAN:
+        base = section["paths"][f"{rpc}(workers={one})@{concurrency}"]
+        other = section["paths"][f"{rpc}(workers={many})@{concurrency}"]
+        split = " / ".join(f"{s:.1f}" for s in other["server_cpu_seconds_by_process"])
+        lines.append(
+            f"| {rpc}@{concurrency} | {base['throughput']:,.0f} | {other['throughput']:,.0f} | "
+            f"{other['throughput'] / base['throughput'] - 1:+.0%} | "
+            f"{base['p99_ms']:.1f} / {other['p99_ms']:.1f} | {split} |"
+        )
+    return lines
+
+
 def table(result: dict[str, Any]) -> str:
     ceiling = result["paths"]["Check@64"]["throughput"]
     lines = [
@@ -339,6 +413,8 @@ def table(result: dict[str, Any]) -> str:
             f"soak: {soaked['seconds']:.0f} s of Heartbeat@64 at {soaked['throughput']:,.0f}/s; "
             f"RSS after warm-up changed {soaked['rss_settled_change'] * 100:+.1f}%"
         )
+    if "workers_comparison" in result:
+        lines += ["", *workers_table(result["workers_comparison"])]
     flow = result["worker_flow"]
     reap = result["reaper"]
     lines += [
@@ -353,10 +429,13 @@ def table(result: dict[str, Any]) -> str:
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    """Resident memory of the server, summed over the processes of `serve --workers N`."""
+    total = 0
+    for one in process_tree(pid):
+        for line in Path(f"/proc/{one}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
 
 
 def load_average() -> list[float]:
@@ -372,25 +451,53 @@ PLAN = [
     ("GetRun", 64),
 ]
 NAIVE_PLAN = [("Heartbeat", 64)]
+WORKERS_PLAN = [("Check", 64), ("Heartbeat", 64)]
+# Connections per measurement when several processes serve: the kernel spreads
+# connections over them, so one connection would load one process only.
+SPREAD_CHANNELS = 16
 
 
 def measure_paths(
-    result: dict[str, Any],
+    into: dict[str, Any],
     server: ServerProcess,
     plan: list[tuple[str, int]],
     targets_file: Path,
     duration: float,
     *,
     suffix: str = "",
+    channels: int = 1,
 ) -> None:
     for rpc, concurrency in plan:
         name = f"{rpc}{suffix}@{concurrency}"
         before = rss_kib(server.process.pid)
-        row = drive(server, rpc, concurrency, targets_file, duration)
+        row = drive(server, rpc, concurrency, targets_file, duration, channels=channels)
         row["server_rss_kib"] = [before, rss_kib(server.process.pid)]
         row["load_average"] = load_average()
-        result["paths"][name] = row
-        print(f"measured {name}", file=sys.stderr)
+        row["server_workers"] = server.workers
+        into[name] = row
+        print(f"measured {name} on --workers {server.workers}", file=sys.stderr)
+
+
+def compare_workers(
+    url: str, workdir: Path, targets_file: Path, duration: float, workers: int
+) -> dict[str, Any]:
+    """Check and Heartbeat at 64 in flight on `serve --workers 1` and `--workers N`, alike."""
+    section: dict[str, Any] = {"channels": SPREAD_CHANNELS, "workers": [1, workers], "paths": {}}
+    for count in (1, workers):
+        server = ServerProcess(url, workdir, extra_env={}, workers=count)
+        try:
+            measure_paths(
+                section["paths"],
+                server,
+                WORKERS_PLAN,
+                targets_file,
+                duration,
+                suffix=f"(workers={count})",
+                channels=SPREAD_CHANNELS,
+            )
+        finally:
+            server.stop()
+    return section
 
 
 def soak(server: ServerProcess, targets_file: Path, seconds: float) -> dict[str, Any]:
@@ -429,8 +536,16 @@ def measure(
     naive: bool,
     soak_seconds: float = 0,
     command: str = "",
+    workers: int = 1,
+    compare_with_workers: int = 0,
 ) -> dict[str, Any]:
-    """One full run on a fresh database; the result as written to JSON."""
+    """One full run on a fresh database; the result as written to JSON.
+
+    ``workers``: the server is `runsvc serve --workers N` (then every path is driven over
+    several connections). ``compare_with_workers``: also Check and Heartbeat at 64 in
+    flight on `--workers 1` and on that many, side by side (0: not).
+    """
+    channels = 1 if workers == 1 else SPREAD_CHANNELS
     url = create_database(database_url)
     result: dict[str, Any] = {
         "command": command,
@@ -438,6 +553,8 @@ def measure(
         "machine": machine(),
         "load_average_at_start": load_average(),
         "history_runs": history,
+        "server_workers": workers,
+        "channels": channels,
         "paths": {},
     }
     try:
@@ -448,9 +565,11 @@ def measure(
             result["load_seconds"] = time.perf_counter() - started
             targets_file = workdir / "targets.json"
             targets_file.write_text(json.dumps(targets))
-            server = ServerProcess(url, workdir, extra_env={})
+            server = ServerProcess(url, workdir, extra_env={}, workers=workers)
             try:
-                measure_paths(result, server, PLAN, targets_file, duration)
+                measure_paths(
+                    result["paths"], server, PLAN, targets_file, duration, channels=channels
+                )
                 result["worker_flow"] = worker_flow(server, 1000)
                 if soak_seconds:
                     result["soak"] = soak(server, targets_file, soak_seconds)
@@ -459,14 +578,27 @@ def measure(
             if naive:
                 # The same server with one UPDATE per heartbeat: what group commit buys.
                 naive_server = ServerProcess(
-                    url, workdir, extra_env={"RUNSVC_HEARTBEAT_GROUP_COMMIT": "false"}
+                    url,
+                    workdir,
+                    extra_env={"RUNSVC_HEARTBEAT_GROUP_COMMIT": "false"},
+                    workers=workers,
                 )
                 try:
                     measure_paths(
-                        result, naive_server, NAIVE_PLAN, targets_file, duration, suffix="(naive)"
+                        result["paths"],
+                        naive_server,
+                        NAIVE_PLAN,
+                        targets_file,
+                        duration,
+                        suffix="(naive)",
+                        channels=channels,
                     )
                 finally:
                     naive_server.stop()
+            if compare_with_workers > 1:
+                result["workers_comparison"] = compare_workers(
+                    url, workdir, targets_file, duration, compare_with_workers
+                )
             result["reaper"] = reaper_passes(url, workdir, running=10_000, stale=1_000)
     finally:
         drop_database(database_url, url)
@@ -493,6 +625,15 @@ def main() -> None:
     parser.add_argument(
         "--soak", type=float, default=0, help="seconds of Heartbeat@64 with RSS sampled (0: none)"
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="serve with `runsvc serve --workers N` (default 1)"
+    )
+    parser.add_argument(
+        "--compare-workers",
+        type=int,
+        default=2,
+        help="also Check and Heartbeat@64 on --workers 1 against --workers N (0: skip)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args()
 
@@ -503,6 +644,8 @@ def main() -> None:
         naive=args.naive,
         soak_seconds=args.soak,
         command=" ".join(["python -m bench.run", *sys.argv[1:]]),
+        workers=args.workers,
+        compare_with_workers=args.compare_workers,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

@@ -34,11 +34,26 @@ def _settings() -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from runsvc import server
+    from runsvc import server, supervisor
 
     settings = _settings()
+    if args.replica_index is not None:
+        logs.configure(settings.log_level, fields={"worker": args.replica_index})
+        replica = server.Replica(
+            index=args.replica_index,
+            ready_fd=args.ready_fd,
+            startup_cleanup=not args.no_startup_cleanup,
+        )
+        return server.serve(settings, replica=replica)
+    try:
+        supervisor.check_shareable(settings, args.workers)
+    except SettingsError as error:
+        print(f"runsvc serve: {error}", file=sys.stderr)
+        return EXIT_USAGE
     logs.configure(settings.log_level)
-    return server.serve(settings)
+    if args.workers == 1:
+        return server.serve(settings)
+    return supervisor.serve(settings, args.workers)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -318,7 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _command(sub, "serve", cmd_serve, "serve gRPC until SIGTERM/SIGINT")
+    serve = _command(sub, "serve", cmd_serve, "serve gRPC until SIGTERM/SIGINT")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (default 1); more than 1 needs PostgreSQL "
+        "and an explicit port, and process i serves its metrics on the metrics port + i",
+    )
+    # Set by the supervisor of --workers N on each of its processes.
+    serve.add_argument("--replica-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--no-startup-cleanup", action="store_true", help=argparse.SUPPRESS)
     migrate = _command(sub, "migrate", cmd_migrate, "apply the database migrations")
     migrate.add_argument("--sql", action="store_true", help="print the SQL instead")
     migrate.add_argument("--revision", default="head")

@@ -12,7 +12,7 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -42,12 +42,18 @@ def call_fields() -> dict[str, str]:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, fields: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        # On every line: which process of `serve --workers N` wrote it.
+        self._fields = dict(fields or {})
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            **self._fields,
             **call_fields(),
         }
         for key, value in record.__dict__.items():
@@ -60,9 +66,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", *, fields: Mapping[str, Any] | None = None) -> None:
+    """JSON lines on stderr at ``level``; ``fields`` are added to every line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -6,17 +6,16 @@ Nothing imports this module but the command line and tests.
 from __future__ import annotations
 
 import logging
-import signal
+import os
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from runsvc import tokens
+from runsvc import shutdown, tokens
 from runsvc.api.auth import RPC_ROLES, SERVICE, AuthInterceptor
 from runsvc.api.request_context import RequestContextInterceptor
 from runsvc.api.servicer import RunServiceServicer
@@ -152,8 +151,16 @@ def group_commit(settings: Settings) -> GroupCommit | None:
 class Server:
     """A running gRPC server with its health service and reaper thread."""
 
-    def __init__(self, components: Components, *, secret: str | None = None) -> None:
+    def __init__(
+        self,
+        components: Components,
+        *,
+        secret: str | None = None,
+        share_port: bool = False,
+        startup_cleanup: bool = True,
+    ) -> None:
         self.components = components
+        self._startup_cleanup = startup_cleanup
         settings = components.settings
         self.audit = SecurityAudit(
             components.service.context, window_seconds=settings.audit_aggregate_seconds
@@ -183,6 +190,9 @@ class Server:
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
                 ("grpc.max_metadata_size", settings.grpc_max_metadata_bytes),
                 ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+                # Explicit either way: the processes of `serve --workers N` listen on one
+                # port together; a lone server refuses a port that another process holds.
+                ("grpc.so_reuseport", 1 if share_port else 0),
             ],
             # Beyond this many calls in flight, new ones are refused RESOURCE_EXHAUSTED
             # at once instead of queueing without bound behind the worker threads.
@@ -219,8 +229,9 @@ class Server:
         )
 
     def start(self) -> None:
-        report = self.components.reaper.startup_pass()
-        log.info("startup cleanup done", extra={"ended": report.ended})
+        if self._startup_cleanup:
+            report = self.components.reaper.startup_pass()
+            log.info("startup cleanup done", extra={"ended": report.ended})
         if self.exporter is not None:
             self.exporter.start()
             log.info("serving metrics", extra={"metrics_port": self.exporter.port})
@@ -254,8 +265,11 @@ class Server:
         self._grpc.wait_for_termination()
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+def serve(settings: Settings, *, replica: Replica | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then stop gracefully.
+
+    ``replica``: this process is one of ``serve --workers N`` (runsvc/supervisor.py).
+    """
     url = settings.effective_database_url
     if url.startswith("sqlite"):
         # The embedded default needs no separate step: bring its schema up to date.
@@ -266,16 +280,37 @@ def serve(settings: Settings) -> int:
             "using the signing secret kept in the data folder",
             extra={"path": str(settings.jwt_secret_file.resolve())},
         )
-    server = Server(build(settings), secret=secret)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("stopping", extra={"signal": signal.Signals(signum).name})
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    server = Server(
+        build(settings),
+        secret=secret,
+        share_port=replica is not None,
+        startup_cleanup=replica is None or replica.startup_cleanup,
+    )
+    stopping = shutdown.stop_on_signals()
     server.start()
+    if replica is not None:
+        replica.report_ready()
     stopping.wait()
     server.stop()
     return 0
+
+
+@dataclass(frozen=True)
+class Replica:
+    """How the supervisor of ``serve --workers N`` started this process."""
+
+    index: int
+    # The write end of a pipe: one byte once serving, so the supervisor tells a
+    # process that failed at start from one that served and then died.
+    ready_fd: int | None = None
+    # Only the first process cleans up at start: the others would scan the same rows.
+    startup_cleanup: bool = True
+
+    def report_ready(self) -> None:
+        if self.ready_fd is None:
+            return
+        try:
+            os.write(self.ready_fd, b"1")
+            os.close(self.ready_fd)
+        except OSError:  # the supervisor is gone; serving goes on until a signal
+            log.warning("could not tell the supervisor this process is serving")

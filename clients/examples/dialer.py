@@ -5,7 +5,7 @@ It claims runs (or resumes the one this worker id holds), "dials" each job
 (a sleep with a random outcome), reports every result, honours cancel
 requests, and stops working on a run as soon as its lease is lost.
 
-    python clients/examples/dialer.py --address 127.0.0.1:50051 \\
+    python clients/examples/dialer.py --address 127.0.0.1:50051,127.0.0.1:50052 \\
         --token "$(runsvc token --role worker --tenant acme)" --rate 20 --no-answer 0.2
 
 SIGTERM or SIGINT stops it after the call in progress; the run is left to
@@ -116,7 +116,7 @@ class Dialer:
 
     def serve(self) -> int:
         client = WorkerClient(
-            self.args.address,
+            replicas(self.args.address),
             token=self.args.token,
             worker_id=self.worker_id,
             stale_after=self.args.stale_after,
@@ -143,6 +143,13 @@ class Dialer:
         return 0
 
 
+def replicas(address: str) -> str | list[str]:
+    """``a:p,b:p`` is a list of replicas; anything else one gRPC target."""
+    if "," in address and not address.startswith(("ipv4:", "ipv6:", "dns:")):
+        return address.split(",")
+    return address
+
+
 def share(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -160,7 +167,11 @@ def positive(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     default_address = os.environ.get("RUNSVC_GRPC_ADDRESS", "127.0.0.1:50051")
-    parser.add_argument("--address", default=default_address)
+    parser.add_argument(
+        "--address",
+        default=default_address,
+        help="host:port, replicas as a:p,b:p, or a gRPC target such as dns:///runsvc:50051",
+    )
     parser.add_argument("--token", default=os.environ.get("RUNSVC_TOKEN"), help="worker token")
     parser.add_argument("--worker-id", default=f"dialer-{os.getpid()}")
     parser.add_argument("--rate", type=positive, default=10.0, help="calls per second")

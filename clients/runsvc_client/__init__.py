@@ -8,11 +8,14 @@
 * ``runsvc_client.flask_blueprint`` (extra ``flask``) serves the UI's REST
   endpoints from a Flask app.
 * ``runsvc_client.errors`` has one exception class per gRPC status code.
+* Every client takes one target or a list of replica addresses and spreads
+  its calls over them (:func:`balanced_channel`, ``round_robin``).
 
 The generated messages and stubs are in ``runsvc_client.v1``.
 """
 
 from runsvc_client.backend import BackendClient
+from runsvc_client.balancing import balanced_channel, target_of
 from runsvc_client.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -59,4 +62,6 @@ __all__ = [
     "RunsvcError",
     "Unavailable",
     "WorkerClient",
+    "balanced_channel",
+    "target_of",
 ]

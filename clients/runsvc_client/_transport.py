@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from runsvc_client.balancing import Target, balanced_channel
 from runsvc_client.errors import from_rpc_error
 from runsvc_client.retry import TRANSIENT_CODES, RetryPolicy
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
@@ -22,24 +23,25 @@ TokenSource = str | Callable[[], str]
 class Transport:
     """Calls RunService methods on a channel with a bearer token.
 
-    Owns the channel only when it opened it (from a target address).
+    Owns the channel only when it opened it (from a target or a list of
+    addresses: :func:`runsvc_client.balancing.balanced_channel`).
     """
 
     def __init__(
         self,
-        target: str | grpc.Channel,
+        target: Target | grpc.Channel,
         *,
         token: TokenSource,
         timeout: float,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        if isinstance(target, str):
-            self.channel: grpc.Channel = grpc.insecure_channel(target)
-            self._owns_channel = True
-        else:
+        if isinstance(target, grpc.Channel):
             self.channel = target
             self._owns_channel = False
+        else:
+            self.channel = balanced_channel(target)
+            self._owns_channel = True
         # The generated stub module has no type stubs; calls go through call().
         self.stub: Any = pb_grpc.RunServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self._token = token

@@ -8,6 +8,7 @@ from types import TracebackType
 import grpc
 
 from runsvc_client._transport import TokenSource, Transport
+from runsvc_client.balancing import Target
 from runsvc_client.errors import NotFound
 from runsvc_client.models import ForceCancelled, JobSpec, Run, RunState
 from runsvc_client.retry import NO_RETRY, RetryPolicy
@@ -32,7 +33,7 @@ class BackendClient:
 
     def __init__(
         self,
-        target: str | grpc.Channel,
+        target: Target | grpc.Channel,
         *,
         token: TokenSource,
         timeout: float = DEFAULT_TIMEOUT,

@@ -35,6 +35,7 @@ import flask
 import grpc
 
 from runsvc_client.backend import DEFAULT_TIMEOUT, BackendClient
+from runsvc_client.balancing import Target, balanced_channel
 from runsvc_client.errors import RunsvcError
 
 log = logging.getLogger("runsvc_client.flask")
@@ -91,7 +92,7 @@ def _reason() -> str:
 
 
 def outbound_calls_blueprint(
-    target: str | grpc.Channel,
+    target: Target | grpc.Channel,
     *,
     tenant: Callable[[], str],
     token: Callable[[str], str],
@@ -101,9 +102,9 @@ def outbound_calls_blueprint(
 ) -> flask.Blueprint:
     """The blueprint; ``tenant()`` names the request's business, ``token(tenant)`` signs for it.
 
-    A string ``target`` opens one channel shared by every request.
+    A target or a list of addresses opens one balanced channel shared by every request.
     """
-    channel = grpc.insecure_channel(target) if isinstance(target, str) else target
+    channel = target if isinstance(target, grpc.Channel) else balanced_channel(target)
     blueprint = flask.Blueprint(name, __name__, url_prefix=url_prefix)
 
     def client_for(business: str) -> BackendClient:

@@ -8,6 +8,7 @@ from types import TracebackType
 import grpc
 
 from runsvc_client._transport import TokenSource, Transport
+from runsvc_client.balancing import Target
 from runsvc_client.lease import Claimed, Lease
 from runsvc_client.models import Run
 from runsvc_client.retry import RetryPolicy
@@ -31,7 +32,7 @@ class WorkerClient:
 
     def __init__(
         self,
-        target: str | grpc.Channel,
+        target: Target | grpc.Channel,
         *,
         token: TokenSource,
         worker_id: str,

@@ -37,6 +37,7 @@ def running_server(
         tenant_slots=slots,
         jwt_secret=SECRET,
         grpc_max_workers=16,
+        metrics_address="127.0.0.1:0",  # never the default port, which another server may hold
     )
     server = Server(build(settings), secret=SECRET)
     server.start()

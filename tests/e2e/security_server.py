@@ -56,6 +56,7 @@ def settings_for(db_url: str, tmp_path: Path, **overrides: Any) -> Settings:
         jwt_audience=AUDIENCE,
         grpc_max_workers=8,
         audit_aggregate_seconds=0.2,
+        metrics_address="127.0.0.1:0",  # never the default port, which another server may hold
     )
     return replace(base, **overrides)
 

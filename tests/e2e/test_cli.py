@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +111,33 @@ class ServerProcess:
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address)
 
+    def metrics(self) -> str:
+        """Its /metrics page (the port from its "serving metrics" log line)."""
+        port = next(
+            line["metrics_port"]
+            for line in json_lines(self.stderr())
+            if line.get("message") == "serving metrics"
+        )
+        return scrape(int(port))
 
-def wait_serving(server: ServerProcess) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
+
+def scrape(metrics_port: int) -> str:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def handled_calls(metrics: str, method: str = "") -> float:
+    """``grpc_server_handled_total`` of ``method`` (every method when empty), every code."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("grpc_server_handled_total{") and f'grpc_method="{method}' in line
+    )
+
+
+def wait_serving(server: ServerProcess, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
     with server.channel() as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -127,9 +152,7 @@ def wait_serving(server: ServerProcess) -> None:
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the server was not SERVING within {STARTUP_TIMEOUT} s:\n{server.stderr()}"
-                )
+                pytest.fail(f"the server was not SERVING within {timeout} s:\n{server.stderr()}")
             time.sleep(0.1)
 
 
@@ -140,12 +163,18 @@ def kill(process: subprocess.Popen[bytes]) -> None:
 
 
 def spawn_server(
-    env: dict[str, str], data_dir: Path, address: str, stderr_path: Path
+    env: dict[str, str],
+    data_dir: Path,
+    address: str,
+    stderr_path: Path,
+    *serve_args: str,
+    timeout: float = STARTUP_TIMEOUT,
 ) -> ServerProcess:
-    """``runsvc serve`` in a process of its own with ``env``, once it answers SERVING."""
+    """``runsvc serve [serve_args]`` in a process of its own with ``env``, once it answers
+    SERVING (within ``timeout`` seconds)."""
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
-            [*runsvc_command(), "serve"],
+            [*runsvc_command(), "serve", *serve_args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -153,7 +182,7 @@ def spawn_server(
         )
     server = ServerProcess(process, data_dir, address, stderr_path)
     try:
-        wait_serving(server)
+        wait_serving(server, timeout)
     except BaseException:
         kill(process)
         raise

@@ -52,6 +52,7 @@ def serve(pg_url: str, redis_url: str, tmp_path: Path, **overrides: object) -> S
         "slot_relay_max_backoff_seconds": 2.0,
         "slot_reconcile_interval_seconds": 0.5,
         "slot_orphan_grace_seconds": 30.0,
+        "metrics_address": "127.0.0.1:0",  # never the default port, which another server may hold
         **overrides,
     }
     server = Server(build(Settings(**values)), secret=SECRET)  # type: ignore[arg-type]
