@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 PY_SOURCES += $(wildcard bench)
 
-.PHONY: bench bench-history bench-soak bench-pg help install node_modules proto proto-check buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
+.PHONY: bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +40,9 @@ proto: $(INSTALL_STAMP) ## Regenerate clients/runsvc_client/v1 from proto/
 
 proto-check: $(INSTALL_STAMP) ## Fail if clients/runsvc_client/v1 is not what proto/ generates
 	$(VENV_PY) tools/gen_proto.py --check
+
+k8s-rules: $(INSTALL_STAMP) ## Regenerate deploy/kubernetes/prometheusrule.yaml from the Prometheus rules
+	$(VENV_PY) tools/gen_k8s_rules.py
 
 buf-lint: $(NODE_STAMP) ## Lint and format-check the .proto files with buf
 	$(BUF) lint

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -47,11 +48,11 @@ def require_service(name: str, error: Exception) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session."""
+@contextmanager
+def private_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database named after ``prefix``, dropped afterwards."""
     base = make_url(pg_base_url())
-    name = f"runsvc_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -59,14 +60,22 @@ def postgres_url() -> Iterator[str]:
     except Exception as error:
         admin.dispose()
         require_service("PostgreSQL", error)
-    url = base.set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(url)
-    metadata.create_all(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session."""
+    with private_database("runsvc_test") as url:
+        engine = create_engine(url)
+        metadata.create_all(engine)
+        engine.dispose()
+        yield url
 
 
 TABLES = "runs, jobs, audit_events, slot_releases, leases"
