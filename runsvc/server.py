@@ -193,6 +193,15 @@ class Server:
                 # Explicit either way: the processes of `serve --workers N` listen on one
                 # port together; a lone server refuses a port that another process holds.
                 ("grpc.so_reuseport", 1 if share_port else 0),
+                (
+                    "grpc.max_connection_age_ms",
+                    int(settings.grpc_max_connection_age_seconds * 1000),
+                ),
+                # The calls in flight on an aged connection may take their full deadline.
+                (
+                    "grpc.max_connection_age_grace_ms",
+                    int(settings.grpc_max_deadline_seconds * 1000),
+                ),
             ],
             # Beyond this many calls in flight, new ones are refused RESOURCE_EXHAUSTED
             # at once instead of queueing without bound behind the worker threads.

@@ -55,6 +55,9 @@ class Settings:
     grpc_max_concurrent_streams: int = 100
     grpc_max_concurrent_rpcs: int = 256
     grpc_max_deadline_seconds: float = 30.0
+    # A connection is closed gracefully (GOAWAY) after this long, so that clients
+    # balancing over a DNS name resolve it again and reach replicas added since.
+    grpc_max_connection_age_seconds: float = 300.0
     rate_limits: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     audit_aggregate_seconds: float = 60.0
     # None: no exporter (RUNSVC_METRICS_ADDRESS=off, or set to nothing).
@@ -282,6 +285,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_GRPC_MAX_CONCURRENT_STREAMS": ("grpc_max_concurrent_streams", _bounded_int(1, 1000)),
     "RUNSVC_GRPC_MAX_CONCURRENT_RPCS": ("grpc_max_concurrent_rpcs", _bounded_int(1, 10_000)),
     "RUNSVC_GRPC_MAX_DEADLINE_SECONDS": ("grpc_max_deadline_seconds", _positive_float),
+    "RUNSVC_GRPC_MAX_CONNECTION_AGE_SECONDS": ("grpc_max_connection_age_seconds", _positive_float),
     "RUNSVC_RATE_LIMITS": ("rate_limits", _rate_limits),
     "RUNSVC_AUDIT_AGGREGATE_SECONDS": ("audit_aggregate_seconds", _positive_float),
     "RUNSVC_METRICS_ADDRESS": ("metrics_address", _metrics_address),
