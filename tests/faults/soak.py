@@ -38,6 +38,7 @@ import grpc
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import Engine, make_url
 
+from bench.run import rss_kib
 from runsvc.store import check
 from runsvc.store.schema import audit_events, metadata, runs
 from runsvc_client.v1 import run_service_pb2 as pb
@@ -113,11 +114,13 @@ class Soak:
             RUNSVC_TENANT_SLOTS="10",
         )
         self.server = server
-        self.servers.append({"pid": server.process.pid, "rss_kib_start": rss_kib(server)})
+        self.servers.append(
+            {"pid": server.process.pid, "rss_kib_start": rss_kib(server.process.pid)}
+        )
 
     def stop_server(self, how: str) -> None:
         assert self.server is not None
-        self.servers[-1]["rss_kib_end"] = rss_kib(self.server)
+        self.servers[-1]["rss_kib_end"] = rss_kib(self.server.process.pid)
         self.servers[-1]["ended_by"] = how
         kill(self.server.process)
         self.server = None
@@ -245,7 +248,7 @@ class Soak:
                 flush=True,
             )
             assert self.server is not None
-            self.servers[-1]["rss_kib_after_setup"] = rss_kib(self.server)
+            self.servers[-1]["rss_kib_after_setup"] = rss_kib(self.server.process.pid)
             self.started = time.monotonic()
             stub = pb_grpc.RunServiceStub(channel)
             beats = [asyncio.create_task(self.heartbeat(stub, x)) for x in self.leases]
@@ -334,13 +337,6 @@ class Soak:
             "violations": violations,
             "servers": self.servers,
         }
-
-
-def rss_kib(server: ServerProcess) -> int:
-    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def table(result: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
+from runsvc.store import check
 from runsvc.store.schema import jobs, slot_releases
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
@@ -100,6 +101,10 @@ def test_force_cancel_answers_at_once_while_redis_is_paused_and_nothing_leaks(
     # Nothing leaked: Redis holds exactly the in-progress jobs, that is none.
     assert slot_members(redis_server, "t1") == set()
     assert in_progress(store) == 0
+    with store.engine.connect() as conn:
+        by_tenant = check.in_progress_by_tenant(conn)
+    slots = {"t1": (len(slot_members(redis_server, "t1")), by_tenant.get("t1", 0))}
+    assert check.slot_violations(slots, pending_releases=outbox(store)) == []
     assert server.process.poll() is None
     applied = [r for r in json_lines(server.stderr()) if r.get("message") == "slot release applied"]
     assert [(r["run_id"], r["slots"], r["removed"]) for r in applied] == [(run_id, HELD, HELD)]
