@@ -101,6 +101,13 @@ bench-pg: $(INSTALL_STAMP) services ## PostgreSQL's heartbeat write budget: rows
 	$(VENV_PY) -m bench.pg_budget --output bench/results/pg_budget.json $(BENCH_ARGS)
 
 .PHONY: test-faults
-test-faults: $(INSTALL_STAMP) ## Full fault suite: 20 repetitions, 10 s/20 s restarts at a 30 s threshold, 1,000 property examples
+test-faults: $(INSTALL_STAMP) ## Full fault suite: 20 repetitions of every outage, 1,000 race rounds, 1,000 property examples
 	@bash scripts/services.sh
-	RUNSVC_FAULTS_FULL=1 RUNSVC_PROPERTY_EXAMPLES=1000 $(VENV_PY) -m pytest -p no:cacheprovider -rP --durations=10 tests/faults tests/integration/test_state_machine.py tests/integration/test_mass_reap.py $(PYTEST_ARGS)
+	RUNSVC_FAULTS_FULL=1 RUNSVC_PROPERTY_EXAMPLES=1000 $(VENV_PY) -m pytest -p no:cacheprovider -rP --durations=15 tests/faults tests/integration/test_state_machine.py tests/integration/test_mass_reap.py tests/integration/test_races.py $(PYTEST_ARGS)
+
+SOAK_SECONDS ?= 600
+SOAK_RUNS ?= 1000
+
+.PHONY: soak
+soak: $(INSTALL_STAMP) services ## 1,000 runs heartbeating for 10 min through an outage a minute (SOAK_SECONDS=, SOAK_RUNS=, SOAK_ARGS=)
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_RUNS=$(SOAK_RUNS) $(VENV_PY) -m tests.faults.soak $(SOAK_ARGS)

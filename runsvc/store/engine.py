@@ -191,4 +191,5 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def dispose(self) -> None:
+        self.watchdog.stop()
         self.engine.dispose()

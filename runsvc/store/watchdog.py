@@ -30,6 +30,7 @@ class Watchdog:
         self._armed: dict[int, Any] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
         self.cuts = 0
 
     def arm(self, dbapi_connection: Any, seconds: float) -> int:
@@ -42,8 +43,9 @@ class Watchdog:
             earlier = not self._heap or due < self._heap[0][0]
             heapq.heappush(self._heap, (due, token))
             if self._thread is None:
+                self._stop = threading.Event()
                 self._thread = threading.Thread(
-                    target=self._watch, daemon=True, name="runsvc-db-watchdog"
+                    target=self._watch, args=(self._stop,), daemon=True, name="runsvc-db-watchdog"
                 )
                 self._thread.start()
             if earlier:
@@ -54,9 +56,18 @@ class Watchdog:
         with self._cond:
             self._armed.pop(token, None)
 
-    def _watch(self) -> None:
+    def stop(self) -> None:
+        """End the watcher thread (its engine is disposed); a later ``arm`` starts another."""
         with self._cond:
-            while True:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(timeout=5.0)
+
+    def _watch(self, stop: threading.Event) -> None:
+        with self._cond:
+            while not stop.is_set():
                 while self._heap and self._heap[0][1] not in self._armed:
                     heapq.heappop(self._heap)
                 if not self._heap:

@@ -72,6 +72,9 @@ class Cluster:
         if done.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {done.stderr}{self.log.read_text()}")
 
+    def running(self) -> bool:
+        return _as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "status").returncode == 0
+
     def crash(self) -> None:
         done = _as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
         if done.returncode != 0:

@@ -83,12 +83,19 @@ def test_get_active_never_reports_a_dead_workers_run_past_the_threshold(
     print(f"GetActive last reported it active {last_active:.3f} s after the kill")
 
 
-@pytest.mark.parametrize("downtime", [10.0, 20.0] if FULL else [0.5])
+# Full variant: 10 s and 20 s down at a 30 s threshold, scaled down by five (2 s and 4 s at
+# 6 s) so that 20 restarts (ten of each) fit in minutes; the fast one is a single 0.5 s restart.
+RESTART_STALE = 6.0 if FULL else STALE_AFTER
+RESTART_DOWNTIMES = [2.0, 4.0] if FULL else [0.5]
+RESTART_TRIALS = 10 if FULL else 1
+
+
+@pytest.mark.parametrize("trial", range(RESTART_TRIALS))
+@pytest.mark.parametrize("downtime", RESTART_DOWNTIMES)
 def test_a_server_restart_shorter_than_the_threshold_stops_nothing(
-    fleet: Fleet, store: Store, downtime: float
+    fleet: Fleet, store: Store, downtime: float, trial: int
 ) -> None:
-    # Full variant: the 10 s and 20 s down with a 30 s threshold.
-    stale = "30" if FULL else str(STALE_AFTER)
+    stale = str(RESTART_STALE)
     server = fleet.server(RUNSVC_STALE_AFTER_SECONDS=stale)
     run_ids = [fleet.create_run(server.address, f"t{i}", jobs=50) for i in range(4)]
     workers = [fleet.worker(server.address, f"t{i}", f"w{i}", "--hold", "0.5") for i in range(4)]

@@ -4,6 +4,10 @@ It claims a run, then loops: heartbeat, take a job, hold it ``--hold``
 seconds, report it. It never fences itself: an UNAVAILABLE call is retried
 at the next tick, so that what the server decides (not what the worker
 guesses) is under test. It exits on LEASE_LOST, or when it has no run.
+
+Its channel retries a lost connection at least every second: gRPC's default
+backoff grows to two minutes, so after a long outage a worker left to it may
+first reach the restarted server only after the stale threshold has passed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from grpc_status import rpc_status
 
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
+
+RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 1000),
+]
 
 
 def reason_of(error: grpc.RpcError) -> str:
@@ -45,12 +55,13 @@ def main() -> int:
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--tick", type=float, default=0.2)
     parser.add_argument("--hold", type=float, default=0.0)
+    parser.add_argument("--max-jobs", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1.0)
     parser.add_argument("--lifetime", type=float, default=120.0)
     args = parser.parse_args()
     metadata = [("authorization", f"Bearer {args.token}")]
     end = time.monotonic() + args.lifetime
-    with grpc.insecure_channel(args.address) as channel:
+    with grpc.insecure_channel(args.address, options=RECONNECT) as channel:
         stub = pb_grpc.RunServiceStub(channel)
         claim = None
         while claim is None and time.monotonic() < end:
@@ -88,7 +99,9 @@ def main() -> int:
                 calls.append(
                     (
                         "AcquireJobs",
-                        pb.AcquireJobsRequest(run_id=run_id, lease_epoch=epoch, max_jobs=1),
+                        pb.AcquireJobsRequest(
+                            run_id=run_id, lease_epoch=epoch, max_jobs=args.max_jobs
+                        ),
                     )
                 )
             for name, request in calls:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import traceback
@@ -44,7 +45,8 @@ from runsvc.store.engine import Database, make_engine
 from runsvc.store.schema import audit_events, jobs, runs
 from tests.conftest import BACKEND, WORKER
 
-ROUNDS = 150
+# 1,000 rounds (4,000 runs raced) in `make test-faults`.
+ROUNDS = 1000 if os.environ.get("RUNSVC_FAULTS_FULL") == "1" else 150
 TENANTS = 4
 JOBS_PER_RUN = 6
 ACQUIRED = 2

@@ -42,3 +42,16 @@ def test_a_partitioned_call_fails_unavailable_before_its_deadline(postgres_url: 
         finally:
             db.dispose()
     assert not [t for t in threading.enumerate() if t.name.startswith("proxy-")]
+
+
+def test_dispose_ends_the_watchdog_thread(postgres_url: str) -> None:
+    """A disposed Database leaves no thread behind (one per replica restart would pile up)."""
+    before = {t.ident for t in threading.enumerate() if t.name == "runsvc-db-watchdog"}
+    for _ in range(3):
+        db = Database(make_engine(postgres_url, pool_size=1))
+        assert db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar()) == 1
+        watchers = {t.ident for t in threading.enumerate() if t.name == "runsvc-db-watchdog"}
+        assert len(watchers - before) == 1  # the transaction armed it
+        db.dispose()
+        after = {t.ident for t in threading.enumerate() if t.name == "runsvc-db-watchdog"}
+        assert after - before == set()
