@@ -2,7 +2,8 @@
 
 Claims: ``sub`` (who), ``role`` (worker, backend or admin), ``tenant``
 (required for backends; absent only for admins and fleet-wide workers),
-``iat``, ``exp`` (always required), ``nbf`` (checked when present), and
+``iat`` (informational, never checked), ``exp`` (always required), ``nbf``
+(checked when present), and
 ``iss``/``aud`` (required and checked when the server is configured with them).
 
 Algorithms come from an allowlist. HS256 verifies with the shared secret only;
@@ -226,7 +227,10 @@ class Verifier:
                     algorithms=[algorithm],
                     # With no audience configured, a token that names one (it was
                     # minted for some other service) is refused.
-                    options={"require": required},
+                    # "Issued at" is not a validity bound (exp and nbf are): checking
+                    # it would make a replica whose clock runs behind the issuer's
+                    # refuse every fresh token, and its workers' runs then stop.
+                    options={"require": required, "verify_iat": False},
                     issuer=self._issuer,
                     audience=self._audience,
                     leeway=self._leeway,
