@@ -1,11 +1,16 @@
 """``make bench``: runsvc on PostgreSQL, measured side by side in one run.
 
-Starts a real server process on a fresh database, loads history, and drives
-each path from a separate load process (``bench.load``): the health Check
-(an empty handler: the ceiling), Heartbeat at 16/64/256 in flight, GetActive,
-GetRun, a worker's ClaimRun + AcquireJobs + ReportJobs over 1,000 jobs, and
-reaper passes over 10,000 running runs. Every path is reported as a ratio
-to the ceiling measured in the same run. Then Check and Heartbeat at 64 in
+Starts a real server process on a fresh database and, beside it, a bare
+reference server (``bench.bare``: a sync gRPC server with one empty handler,
+the ceiling of Python gRPC here), loads history, and drives each path from a
+separate load process (``bench.load``): the bare server's Check, runsvc's
+health Check (through runsvc's interceptors), Heartbeat at 16/64/256 in
+flight, GetActive and GetRun. The paths are measured in interleaved rounds
+(every path once per round, ``--rounds`` rounds) and each is reported by its
+median round, as a ratio to the bare server's median: a drift of the machine
+during the run touches every path alike. Then a worker's ClaimRun +
+AcquireJobs + ReportJobs over 1,000 jobs, reaper passes over 10,000 running
+runs, and Check and Heartbeat at 64 in
 flight again on ``runsvc serve --workers 1`` and ``--workers 2`` (16
 connections each: the kernel spreads connections over the processes), side
 by side. Results: a table on stdout and JSON in ``bench/results/``.
@@ -212,6 +217,36 @@ class ServerProcess:
         self.log.close()
 
 
+class BareServer:
+    """``bench.bare`` in a process of its own: the reference every path is divided by."""
+
+    workers = 1
+
+    def __init__(self, workdir: Path) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log = (workdir / "bare.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.bare", "--port", self.address.rsplit(":", 1)[1]],
+            stderr=self.log,
+            cwd=Path(__file__).parent.parent,
+        )
+        deadline = time.monotonic() + 30
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    return
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        raise SystemExit("the bare reference server did not start; see bare.log")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
 def answers_http(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2):
@@ -221,7 +256,7 @@ def answers_http(port: int) -> bool:
 
 
 def drive(
-    server: ServerProcess,
+    server: ServerProcess | BareServer,
     rpc: str,
     concurrency: int,
     targets: Path,
@@ -396,15 +431,19 @@ def workers_table(section: dict[str, Any]) -> list[str]:
 
 
 def table(result: dict[str, Any]) -> str:
-    ceiling = result["paths"]["Check@64"]["throughput"]
+    bare = result["paths"][BARE]["throughput"]
     lines = [
-        "| path | calls/s | p50 ms | p99 ms | server CPU µs/call | ratio to ceiling |",
-        "|---|---|---|---|---|---|",
+        "| path | calls/s (median) | rounds calls/s | p50 ms | p99 ms | errors "
+        "| server CPU µs/call | ratio to bare |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["paths"].items():
+        rounds = " / ".join(f"{t:,.0f}" for t in row.get("rounds_throughput", []))
+        errors = sum(row["errors"].values())
         lines.append(
-            f"| {name} | {row['throughput']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
-            f"{row['server_cpu_us_per_call']:,.0f} | {row['throughput'] / ceiling:.2f} |"
+            f"| {name} | {row['throughput']:,.0f} | {rounds} | {row['p50_ms']:.1f} | "
+            f"{row['p99_ms']:.1f} | {errors:,} | {row['server_cpu_us_per_call']:,.0f} | "
+            f"{row['throughput'] / bare:.2f} |"
         )
     naive = result["paths"].get("Heartbeat(naive)@64")
     if naive:
@@ -447,6 +486,8 @@ def load_average() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+# The bare reference server's path; every other path is divided by it.
+BARE = "bare Check@64"
 PLAN = [
     ("Check", 64),
     ("Heartbeat", 16),
@@ -464,7 +505,7 @@ SPREAD_CHANNELS = 16
 
 def measure_paths(
     into: dict[str, Any],
-    server: ServerProcess,
+    server: ServerProcess | BareServer,
     plan: list[tuple[str, int]],
     targets_file: Path,
     duration: float,
@@ -474,13 +515,56 @@ def measure_paths(
 ) -> None:
     for rpc, concurrency in plan:
         name = f"{rpc}{suffix}@{concurrency}"
-        before = rss_kib(server.process.pid)
-        row = drive(server, rpc, concurrency, targets_file, duration, channels=channels)
-        row["server_rss_kib"] = [before, rss_kib(server.process.pid)]
-        row["load_average"] = load_average()
-        row["server_workers"] = server.workers
-        into[name] = row
+        into[name] = measure_one(server, rpc, concurrency, targets_file, duration, channels)
         print(f"measured {name} on --workers {server.workers}", file=sys.stderr)
+
+
+def measure_one(
+    server: ServerProcess | BareServer,
+    rpc: str,
+    concurrency: int,
+    targets_file: Path,
+    duration: float,
+    channels: int,
+) -> dict[str, Any]:
+    before = rss_kib(server.process.pid)
+    row = drive(server, rpc, concurrency, targets_file, duration, channels=channels)
+    row["server_rss_kib"] = [before, rss_kib(server.process.pid)]
+    row["load_average"] = load_average()
+    row["server_workers"] = server.workers
+    return row
+
+
+def measure_rounds(
+    into: dict[str, Any],
+    servers: list[tuple[str, ServerProcess | BareServer, list[tuple[str, int]]]],
+    targets_file: Path,
+    duration: float,
+    *,
+    rounds: int,
+    channels: int,
+) -> None:
+    """Every path once per round, rounds interleaved; each path kept as its median round.
+
+    ``servers``: (name prefix, server, plan) in the order measured within a round.
+    """
+    measured: dict[str, list[dict[str, Any]]] = {}
+    for number in range(rounds):
+        for prefix, server, plan in servers:
+            for rpc, concurrency in plan:
+                name = f"{prefix}{rpc}@{concurrency}"
+                row = measure_one(server, rpc, concurrency, targets_file, duration, channels)
+                measured.setdefault(name, []).append(row)
+                print(f"round {number + 1}/{rounds}: measured {name}", file=sys.stderr)
+    for name, rows in measured.items():
+        ordered = sorted(rows, key=lambda row: row["throughput"])
+        median = dict(ordered[len(ordered) // 2])
+        median["rounds_throughput"] = [row["throughput"] for row in rows]
+        median["errors"] = {
+            code: sum(row["errors"].get(code, 0) for row in rows)
+            for code in sorted({code for row in rows for code in row["errors"]})
+        }
+        into[name] = median
 
 
 def compare_workers(
@@ -543,6 +627,7 @@ def measure(
     command: str = "",
     workers: int = 1,
     compare_with_workers: int = 0,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     """One full run on a fresh database; the result as written to JSON.
 
@@ -560,6 +645,7 @@ def measure(
         "history_runs": history,
         "server_workers": workers,
         "channels": channels,
+        "rounds": rounds,
         "paths": {},
     }
     try:
@@ -570,16 +656,23 @@ def measure(
             result["load_seconds"] = time.perf_counter() - started
             targets_file = workdir / "targets.json"
             targets_file.write_text(json.dumps(targets))
+            bare = BareServer(workdir)
             server = ServerProcess(url, workdir, extra_env={}, workers=workers)
             try:
-                measure_paths(
-                    result["paths"], server, PLAN, targets_file, duration, channels=channels
+                measure_rounds(
+                    result["paths"],
+                    [("bare ", bare, [("Check", 64)]), ("", server, PLAN)],
+                    targets_file,
+                    duration,
+                    rounds=rounds,
+                    channels=channels,
                 )
                 result["worker_flow"] = worker_flow(server, 1000)
                 if soak_seconds:
                     result["soak"] = soak(server, targets_file, soak_seconds)
             finally:
                 server.stop()
+                bare.stop()
             if naive:
                 # The same server with one UPDATE per heartbeat: what group commit buys.
                 naive_server = ServerProcess(
@@ -639,6 +732,9 @@ def main() -> None:
         default=2,
         help="also Check and Heartbeat@64 on --workers 1 against --workers N (0: skip)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; each path keeps its median"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args()
 
@@ -651,6 +747,7 @@ def main() -> None:
         command=" ".join(["python -m bench.run", *sys.argv[1:]]),
         workers=args.workers,
         compare_with_workers=args.compare_workers,
+        rounds=args.rounds,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
