@@ -131,6 +131,8 @@ class Run:
     end_time: datetime | None = None
     last_heartbeat_time: datetime | None = None
     job_counts: JobCounts = JobCounts()
+    # Unique and increasing, assigned by the database: how people name a run.
+    number: int = 0
 
     @property
     def active(self) -> bool:

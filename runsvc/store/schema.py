@@ -20,12 +20,16 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Sequence,
     String,
     Table,
     Text,
     text,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -61,6 +65,34 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+RUN_NUMBER_SEQUENCE = "runs_number_seq"
+# PostgreSQL's source of run numbers; SQLite has no sequences (see NextRunNumber).
+run_number_sequence = Sequence(RUN_NUMBER_SEQUENCE, metadata=metadata)
+
+
+class NextRunNumber(ColumnElement[int]):
+    """The next run number, computed by the database inside the INSERT.
+
+    PostgreSQL draws it from ``runs_number_seq``. SQLite takes one above the
+    largest number in the table: the statement runs under SQLite's single
+    write lock, so two inserts never see the same largest number, and runs are
+    never deleted, so a number is never handed out twice.
+    """
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(NextRunNumber, "postgresql")
+def _next_number_postgresql(element: NextRunNumber, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"nextval('{RUN_NUMBER_SEQUENCE}')"
+
+
+@compiles(NextRunNumber)
+def _next_number_sqlite(element: NextRunNumber, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(SELECT coalesce(max(number), 0) + 1 FROM runs)"
+
+
 ACTIVE_STATES_SQL = "state IN ('PENDING', 'RUNNING')"
 RUNNING_SQL = "state = 'RUNNING'"
 CANCELLING_SQL = "state = 'RUNNING' AND cancel_requested"
@@ -69,6 +101,8 @@ runs = Table(
     "runs",
     metadata,
     Column("id", String(36), primary_key=True),
+    # Short, unique and increasing: how people and the monolith's URLs name a run.
+    Column("number", BigInteger, nullable=False, default=NextRunNumber()),
     Column("tenant_id", String(128), nullable=False),
     Column("request_id", String(128), nullable=False),
     Column("state", String(16), nullable=False),
@@ -86,6 +120,7 @@ runs = Table(
     Column("ended_at", UtcDateTime),
     Column("updated_at", UtcDateTime, nullable=False),
     Index("uq_runs_tenant_id_request_id", "tenant_id", "request_id", unique=True),
+    Index("uq_runs_number", "number", unique=True),
     # The UI's "active queue": at most one pending or running run per tenant,
     # held by the database so that no check-then-insert race can break it.
     Index(

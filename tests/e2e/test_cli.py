@@ -332,6 +332,8 @@ def test_backend_flow(cli_server: ServerProcess) -> None:
     fetched = cli_server.cli_json("runs", "get", run.id)
     assert fetched["id"] == run.id
     assert fetched["state"] == "RUN_STATE_CANCELLED"
+    by_number = cli_server.cli_json("runs", "get", str(run.number), "--token", token)
+    assert by_number["id"] == run.id and int(by_number["number"]) == run.number
 
     after = cli_server.cli("runs", "active", "--token", token)
     assert after.returncode != 0
