@@ -83,6 +83,9 @@ def upgrade() -> None:
     with op.batch_alter_table("runs") as batch:
         batch.alter_column("number", existing_type=sa.BigInteger(), nullable=False)
         batch.create_index("uq_runs_number", ["number"], unique=True)
+    if postgres:
+        # Rows inserted by plain SQL are numbered too.
+        op.execute(f"ALTER TABLE runs ALTER COLUMN number SET DEFAULT nextval('{SEQUENCE}')")
 
 
 def downgrade() -> None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Boolean,
     Column,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    event,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -148,6 +150,13 @@ runs = Table(
     Index("ix_runs_tenant_id_created_at", "tenant_id", "created_at"),
     Index("ix_runs_worker_id_state", "worker_id", "state"),
 )
+
+# On PostgreSQL the column's own default draws from the sequence too, so rows
+# inserted by plain SQL (bulk loads, an operator's psql) are numbered as well.
+RUN_NUMBER_DEFAULT_SQL = (
+    f"ALTER TABLE runs ALTER COLUMN number SET DEFAULT nextval('{RUN_NUMBER_SEQUENCE}')"
+)
+event.listen(runs, "after_create", DDL(RUN_NUMBER_DEFAULT_SQL).execute_if(dialect="postgresql"))
 
 jobs = Table(
     "jobs",

@@ -218,6 +218,16 @@ def test_run_numbers_backfill_keeps_adopted_ids_and_new_runs_follow(
         conn.execute(runs.insert().values(_run("r-after", "t4", "PENDING")))
         numbers = dict(conn.execute(sa.select(runs.c.id, runs.c.number)).all())
     assert numbers == {adopt.run_uuid(42): 42, "r-impostor": 43, "r-new": 44, "r-after": 45}
+    if db_engine.dialect.name == "postgresql":
+        # The column's own default: a row inserted by plain SQL is numbered too.
+        with db_engine.begin() as conn:
+            raw = conn.execute(
+                sa.text(
+                    "INSERT INTO runs (id, tenant_id, request_id, state, created_at, updated_at)"
+                    " VALUES ('r-sql', 't5', 'q', 'PENDING', now(), now()) RETURNING number"
+                )
+            ).scalar_one()
+        assert raw == 46
 
 
 def test_adoption_refuses_a_monolith_id_runsvc_already_numbered(
