@@ -9,7 +9,10 @@ the environment:
   addresses separated by commas;
 * ``RUNSVC_WEB_ALLOWED_ORIGINS``: origins besides this host that may POST,
   separated by commas (``https://app.example.com``);
-* ``RUNSVC_WEB_THREADS`` (``8``): requests served at once.
+* ``RUNSVC_WEB_THREADS`` (``8``): requests served at once;
+* ``RUNSVC_WEB_GRPC_CA_FILE``: call runsvc over TLS, trusting this CA (PEM);
+  ``RUNSVC_WEB_GRPC_CERT_FILE`` and ``RUNSVC_WEB_GRPC_KEY_FILE`` add a client
+  certificate for a runsvc that requires mutual TLS.
 
 SIGTERM or SIGINT stops it: the listener closes and requests in flight finish.
 """
@@ -20,13 +23,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import FrameType
 
 import flask
+import grpc
 import waitress
 
-from runsvc_client.balancing import Target
+from runsvc_client.balancing import Target, balanced_channel
 from runsvc_client.flask_blueprint import bearer_blueprint
 
 DEFAULT_ADDRESS = "127.0.0.1:8080"
@@ -36,10 +41,33 @@ DEFAULT_THREADS = 8
 log = logging.getLogger("runsvc_client.web")
 
 
-def create_app(target: Target, *, allowed_origins: Sequence[str] = ()) -> flask.Flask:
+def create_app(
+    target: Target | grpc.Channel, *, allowed_origins: Sequence[str] = ()
+) -> flask.Flask:
     app = flask.Flask("runsvc_web")
     app.register_blueprint(bearer_blueprint(target, allowed_origins=allowed_origins))
     return app
+
+
+def _credentials(env: Mapping[str, str]) -> grpc.ChannelCredentials | None:
+    """TLS to runsvc when a CA file is named (with a client certificate for mutual TLS)."""
+    ca, cert, key = (
+        env.get(f"RUNSVC_WEB_GRPC_{name}_FILE") or None for name in ("CA", "CERT", "KEY")
+    )
+    if ca is None:
+        if cert or key:
+            raise ValueError("RUNSVC_WEB_GRPC_CERT_FILE and _KEY_FILE need RUNSVC_WEB_GRPC_CA_FILE")
+        return None
+    if (cert is None) != (key is None):
+        raise ValueError("RUNSVC_WEB_GRPC_CERT_FILE and RUNSVC_WEB_GRPC_KEY_FILE go together")
+    try:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(ca).read_bytes(),
+            private_key=Path(key).read_bytes() if key else None,
+            certificate_chain=Path(cert).read_bytes() if cert else None,
+        )
+    except OSError as error:
+        raise ValueError(f"cannot read {error.filename}: {error.strerror}") from error
 
 
 def _split(value: str) -> list[str]:
@@ -58,20 +86,25 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     env = os.environ
     try:
         host, port = _listen_address(env.get("RUNSVC_WEB_ADDRESS") or DEFAULT_ADDRESS)
-        threads = int(env.get("RUNSVC_WEB_THREADS") or DEFAULT_THREADS)
-        if threads < 1:
-            raise ValueError("RUNSVC_WEB_THREADS must be at least 1")
+        threads_text = env.get("RUNSVC_WEB_THREADS") or str(DEFAULT_THREADS)
+        if not threads_text.isdigit() or int(threads_text) < 1:
+            raise ValueError(
+                f"RUNSVC_WEB_THREADS must be a whole number >= 1, not {threads_text!r}"
+            )
+        threads = int(threads_text)
+        targets = _split(env.get("RUNSVC_GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS)
+        channel = balanced_channel(
+            targets[0] if len(targets) == 1 else targets, credentials=_credentials(env)
+        )
     except ValueError as error:
         print(f"runsvc-web: {error}", file=sys.stderr)
         return 2
-    targets = _split(env.get("RUNSVC_GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS)
-    target: Target = targets[0] if len(targets) == 1 else targets
-    app = create_app(target, allowed_origins=_split(env.get("RUNSVC_WEB_ALLOWED_ORIGINS", "")))
+    app = create_app(channel, allowed_origins=_split(env.get("RUNSVC_WEB_ALLOWED_ORIGINS", "")))
     server = waitress.create_server(app, host=host, port=port, threads=threads)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

@@ -14,15 +14,19 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from runsvc.server import Server
+from runsvc.store import migrate
 from runsvc_client import BackendClient, JobSpec
 from runsvc_client.flask_blueprint import ERROR_TEXT
 from tests.clients.conftest import address, token
+from tests.e2e.security_server import es256, serving, settings_for
+from tests.keys import make_pki, private_pem
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
@@ -57,14 +61,16 @@ def wait_for_port(process: subprocess.Popen[bytes]) -> int:
     pytest.fail(f"runsvc-web did not start serving: {seen.decode(errors='replace')}")
 
 
-@pytest.fixture
-def web(server: Server) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    env = {
+@contextmanager
+def running_web(grpc_address: str, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """runsvc-web on a free port in front of ``grpc_address``; yields its base URL."""
+    environment = {
         **os.environ,
         "RUNSVC_WEB_ADDRESS": "127.0.0.1:0",
-        "RUNSVC_GRPC_ADDRESS": address(server),
+        "RUNSVC_GRPC_ADDRESS": grpc_address,
+        **env,
     }
-    process = subprocess.Popen([web_script()], env=env, stderr=subprocess.PIPE)
+    process = subprocess.Popen([web_script()], env=environment, stderr=subprocess.PIPE)
     try:
         port = wait_for_port(process)
         yield f"http://127.0.0.1:{port}/api/outbound_calls", process
@@ -74,6 +80,12 @@ def web(server: Server) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         process.wait(timeout=STOP_TIMEOUT)
         assert process.stderr is not None
         process.stderr.close()
+
+
+@pytest.fixture
+def web(server: Server) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    with running_web(address(server)) as running:
+        yield running
 
 
 def call(
@@ -135,11 +147,43 @@ def test_runsvc_web_serves_the_four_endpoints_with_the_callers_token(
     assert process.wait(timeout=STOP_TIMEOUT) == 0
 
 
-def test_runsvc_web_refuses_a_bad_address() -> None:
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"RUNSVC_WEB_ADDRESS": "no-port"}, b"RUNSVC_WEB_ADDRESS"),
+        ({"RUNSVC_WEB_THREADS": "0"}, b"RUNSVC_WEB_THREADS"),
+        ({"RUNSVC_WEB_THREADS": "many"}, b"RUNSVC_WEB_THREADS"),
+        ({"RUNSVC_GRPC_ADDRESS": "a.example:1,b.example:2"}, b"dns:///"),
+        ({"RUNSVC_WEB_GRPC_CERT_FILE": "/c", "RUNSVC_WEB_GRPC_KEY_FILE": "/k"}, b"CA_FILE"),
+        ({"RUNSVC_WEB_GRPC_CA_FILE": "/nonexistent/ca.pem"}, b"/nonexistent/ca.pem"),
+    ],
+    ids=["address", "threads", "threads-text", "grpc-names", "cert-without-ca", "missing-ca"],
+)
+def test_runsvc_web_refuses_bad_settings_at_start(env: dict[str, str], named: bytes) -> None:
     done = subprocess.run(
         [web_script()],
-        env={**os.environ, "RUNSVC_WEB_ADDRESS": "no-port"},
+        env={**os.environ, "RUNSVC_WEB_ADDRESS": "127.0.0.1:0", **env},
         capture_output=True,
         timeout=STOP_TIMEOUT,
     )
-    assert done.returncode == 2 and b"RUNSVC_WEB_ADDRESS" in done.stderr
+    assert done.returncode == 2 and named in done.stderr
+
+
+def test_runsvc_web_calls_runsvc_over_tls_with_the_ca_it_is_given(tmp_path: Path) -> None:
+    pki = make_pki()
+    files = {"cert": pki.server_cert_pem, "key": private_pem(pki.server_key), "ca": pki.ca_pem}
+    for name, pem in files.items():
+        (tmp_path / name).write_bytes(pem)
+    url = f"sqlite:///{tmp_path / 'tls.db'}"
+    migrate.upgrade(url)
+    config = settings_for(
+        url, tmp_path, tls_cert_file=tmp_path / "cert", tls_key_file=tmp_path / "key"
+    )
+    bearer = dict(es256("backend", "t1"))["authorization"].removeprefix("Bearer ")
+    with serving(config) as tls_server:
+        target = address(tls_server)
+        with running_web(target, RUNSVC_WEB_GRPC_CA_FILE=str(tmp_path / "ca")) as (web, _):
+            assert call(f"{web}/jobs/active", bearer=bearer) == (404, {"error": ERROR_TEXT[404]})
+        # Without the CA it cannot reach a TLS-only runsvc.
+        with running_web(target) as (web, _):
+            assert call(f"{web}/jobs/active", bearer=bearer) == (503, {"error": ERROR_TEXT[503]})
