@@ -113,10 +113,9 @@ class Session:
 class Refused(Exception):
     """Answer the request with this HTTP status and its fixed text."""
 
-    def __init__(self, status: int, text: str | None = None) -> None:
+    def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
-        self.text = text or ERROR_TEXT.get(status, ERROR_TEXT[500])
 
 
 def _time(value: datetime | None) -> str | None:
@@ -226,7 +225,7 @@ def _build(
             client = BackendClient(channel, token=who.token, timeout=timeout)
             return action(client, who)
         except Refused as refused:
-            return _error(refused.status, refused.text)
+            return _error(refused.status)
         except RunsvcError as error:
             status = HTTP_STATUS.get(error.code, 500)
             if status == 403 and ref is not None:
