@@ -24,6 +24,7 @@ from runsvc.service.context import Caller, Context, Notes
 from runsvc.slots import SlotRelease
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
+from runsvc.store.schema import LARGEST_RUN_NUMBER
 from runsvc.validation import Checker, Limits, check_jobs
 
 _CANCEL_ATTEMPTS = 3
@@ -66,10 +67,6 @@ def _decode_cursor(token: str) -> run_store.PageCursor:
         ) from error
 
 
-# Run.number is a PostgreSQL BIGINT.
-_LARGEST_NUMBER = 2**63 - 1
-
-
 def _is_number(ref: str) -> bool:
     """A run reference of ASCII digits only names the run by its number."""
     return ref.isascii() and ref.isdigit()
@@ -78,8 +75,8 @@ def _is_number(ref: str) -> bool:
 def _check_run_ref(check: Checker, ref: str) -> None:
     if not _is_number(ref):
         check.object_id("run_id", ref)
-    elif not 1 <= int(ref) <= _LARGEST_NUMBER:
-        check.fail("run_id", f"a run number is between 1 and {_LARGEST_NUMBER}")
+    elif not 1 <= int(ref) <= LARGEST_RUN_NUMBER:
+        check.fail("run_id", f"a run number is between 1 and {LARGEST_RUN_NUMBER}")
 
 
 class BackendUseCases:
