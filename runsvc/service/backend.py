@@ -11,7 +11,15 @@ from datetime import datetime
 
 from sqlalchemy import Connection
 
-from runsvc.domain import Event, JobSpec, Run, RunState, StopReason
+from runsvc.domain import (
+    LARGEST_RUN_NUMBER,
+    Event,
+    JobSpec,
+    Run,
+    RunState,
+    StopReason,
+    run_number,
+)
 from runsvc.errors import (
     ActiveRunExists,
     FieldViolation,
@@ -24,7 +32,6 @@ from runsvc.service.context import Caller, Context, Notes
 from runsvc.slots import SlotRelease
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
-from runsvc.store.schema import LARGEST_RUN_NUMBER
 from runsvc.validation import Checker, Limits, check_jobs
 
 _CANCEL_ATTEMPTS = 3
@@ -67,15 +74,11 @@ def _decode_cursor(token: str) -> run_store.PageCursor:
         ) from error
 
 
-def _is_number(ref: str) -> bool:
-    """A run reference of ASCII digits only names the run by its number."""
-    return ref.isascii() and ref.isdigit()
-
-
 def _check_run_ref(check: Checker, ref: str) -> None:
-    if not _is_number(ref):
+    number = run_number(ref)
+    if number is None:
         check.object_id("run_id", ref)
-    elif not 1 <= int(ref) <= LARGEST_RUN_NUMBER:
+    elif not 1 <= number <= LARGEST_RUN_NUMBER:
         check.fail("run_id", f"a run number is between 1 and {LARGEST_RUN_NUMBER}")
 
 
@@ -144,9 +147,10 @@ class BackendUseCases:
 
     def _resolve(self, conn: Connection, ref: str, tenant_id: str | None) -> str:
         """The run id that ``ref`` (an id, or a number) names, if the tenant may see it."""
-        if not _is_number(ref):
+        number = run_number(ref)
+        if number is None:
             return ref
-        run_id = run_store.id_by_number(conn, int(ref), tenant_id=tenant_id)
+        run_id = run_store.id_by_number(conn, number, tenant_id=tenant_id)
         if run_id is None:
             raise RunNotVisible(run_id=ref, tenant_id=tenant_id)
         return run_id

@@ -9,7 +9,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, or_, select
 
-from runsvc.store.schema import LARGEST_RUN_NUMBER, audit_events, runs
+from runsvc.domain import LARGEST_RUN_NUMBER, run_number
+from runsvc.store.schema import audit_events, runs
 
 
 def record(
@@ -60,9 +61,10 @@ def recent(
 def _names_run(ref: str) -> ColumnElement[bool]:
     """Rows of the run ``ref`` names: by its id, or by its number (and any row that named
     it by that number, such as a refusal)."""
-    if not (ref.isascii() and ref.isdigit()) or int(ref) > LARGEST_RUN_NUMBER:
+    number = run_number(ref)
+    if number is None or number > LARGEST_RUN_NUMBER:
         return audit_events.c.run_id == ref
-    numbered = select(runs.c.id).where(runs.c.number == int(ref)).scalar_subquery()
+    numbered = select(runs.c.id).where(runs.c.number == number).scalar_subquery()
     return or_(audit_events.c.run_id == ref, audit_events.c.run_id == numbered)
 
 

@@ -68,7 +68,6 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 RUN_NUMBER_SEQUENCE = "runs_number_seq"
-LARGEST_RUN_NUMBER = 2**63 - 1  # a BIGINT
 # PostgreSQL's source of run numbers; SQLite has no sequences (see NextRunNumber).
 run_number_sequence = Sequence(RUN_NUMBER_SEQUENCE, metadata=metadata)
 
