@@ -114,6 +114,15 @@ class JobCounts:
     failed: int = 0
 
 
+# Run numbers are BIGINTs in the store: 1 up to this.
+LARGEST_RUN_NUMBER = 2**63 - 1
+
+
+def run_number(ref: str) -> int | None:
+    """The number a run reference names when it is all ASCII digits; None for a run id."""
+    return int(ref) if ref.isascii() and ref.isdigit() else None
+
+
 @dataclass(frozen=True)
 class Run:
     id: str
@@ -131,6 +140,8 @@ class Run:
     end_time: datetime | None = None
     last_heartbeat_time: datetime | None = None
     job_counts: JobCounts = JobCounts()
+    # Unique and increasing, assigned by the database: how people name a run.
+    number: int = 0
 
     @property
     def active(self) -> bool:

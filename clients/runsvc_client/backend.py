@@ -42,10 +42,15 @@ class BackendClient:
         self._transport = Transport(target, token=token, timeout=timeout)
         self._retry = retry or RetryPolicy()
 
-    def get_active(self) -> Run | None:
-        """The tenant's pending or running run, or None when it has none."""
+    def get_active(self, *, tenant_id: str = "") -> Run | None:
+        """The tenant's pending or running run, or None when it has none.
+
+        ``tenant_id`` names the tenant (an admin must; any other token may name only its own).
+        """
         try:
-            response = self._transport.call("GetActive", pb.GetActiveRequest(), retry=self._retry)
+            response = self._transport.call(
+                "GetActive", pb.GetActiveRequest(tenant_id=tenant_id), retry=self._retry
+            )
         except NotFound:
             return None
         return Run.from_proto(response.run)

@@ -83,6 +83,8 @@ class Run:
     end_time: datetime | None
     last_heartbeat_time: datetime | None
     cancel_request_time: datetime | None
+    number: int = 0
+    """Unique and increasing, assigned by runsvc: the run's short name (0 from an older server)."""
 
     @classmethod
     def from_proto(cls, run: pb.Run) -> Run:
@@ -103,6 +105,7 @@ class Run:
             end_time=_time(run.end_time, run.HasField("end_time")),
             last_heartbeat_time=_time(run.last_heartbeat_time, run.HasField("last_heartbeat_time")),
             cancel_request_time=_time(run.cancel_request_time, run.HasField("cancel_request_time")),
+            number=run.number,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -52,6 +52,7 @@ def run_to_proto(run: Run) -> pb.Run:
     counts = run.job_counts
     return pb.Run(
         id=run.id,
+        number=run.number,
         tenant_id=run.tenant_id,
         state=RUN_STATES[run.state],  # type: ignore[arg-type]
         stop_reason=run.stop_reason or "",

@@ -11,7 +11,15 @@ from datetime import datetime
 
 from sqlalchemy import Connection
 
-from runsvc.domain import Event, JobSpec, Run, RunState, StopReason
+from runsvc.domain import (
+    LARGEST_RUN_NUMBER,
+    Event,
+    JobSpec,
+    Run,
+    RunState,
+    StopReason,
+    run_number,
+)
 from runsvc.errors import (
     ActiveRunExists,
     FieldViolation,
@@ -66,6 +74,14 @@ def _decode_cursor(token: str) -> run_store.PageCursor:
         ) from error
 
 
+def _check_run_ref(check: Checker, ref: str) -> None:
+    number = run_number(ref)
+    if number is None:
+        check.object_id("run_id", ref)
+    elif not 1 <= number <= LARGEST_RUN_NUMBER:
+        check.fail("run_id", f"a run number is between 1 and {LARGEST_RUN_NUMBER}")
+
+
 class BackendUseCases:
     def __init__(self, ctx: Context, limits: Limits) -> None:
         self._ctx = ctx
@@ -118,16 +134,26 @@ class BackendUseCases:
 
     def get_run(self, *, tenant_id: str | None, run_id: str, caller: Caller) -> Run:
         check = Checker()
-        check.object_id("run_id", run_id)
+        _check_run_ref(check, run_id)
         check.done()
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Run:
-            run = self._visible(conn, run_id, tenant_id)
+            run = self._visible(conn, self._resolve(conn, run_id, tenant_id), tenant_id)
             if self._ended_on_read(conn, notes, run, now, caller):
-                run = self._visible(conn, run_id, tenant_id)
+                run = self._visible(conn, run.id, tenant_id)
             return run
 
         return self._ctx.transact(work, caller=caller)
+
+    def _resolve(self, conn: Connection, ref: str, tenant_id: str | None) -> str:
+        """The run id that ``ref`` (an id, or a number) names, if the tenant may see it."""
+        number = run_number(ref)
+        if number is None:
+            return ref
+        run_id = run_store.id_by_number(conn, number, tenant_id=tenant_id)
+        if run_id is None:
+            raise RunNotVisible(run_id=ref, tenant_id=tenant_id)
+        return run_id
 
     def _visible(self, conn: Connection, run_id: str, tenant_id: str | None) -> Run:
         run = run_store.get(conn, run_id, tenant_id=tenant_id)
@@ -185,12 +211,14 @@ class BackendUseCases:
 
     def cancel(self, *, tenant_id: str | None, run_id: str, reason: str, caller: Caller) -> Run:
         """Cooperative cancel; idempotent. A pending run has no worker to ask, so it ends now."""
+        ref = run_id
         check = Checker()
-        check.object_id("run_id", run_id)
+        _check_run_ref(check, run_id)
         check.text("reason", reason, max_length=self._limits.max_text_length)
         check.done()
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Run:
+            run_id = self._resolve(conn, ref, tenant_id)
             for _ in range(_CANCEL_ATTEMPTS):
                 run = self._visible(conn, run_id, tenant_id)
                 if run.state is RunState.PENDING:
@@ -227,12 +255,14 @@ class BackendUseCases:
         self, *, tenant_id: str | None, run_id: str, reason: str, caller: Caller
     ) -> ForceCancelled:
         """Immediate and final, whether or not the worker is alive; idempotent."""
+        ref = run_id
         check = Checker()
-        check.object_id("run_id", run_id)
+        _check_run_ref(check, run_id)
         check.text("reason", reason, max_length=self._limits.max_text_length)
         check.done()
 
         def work(conn: Connection, now: datetime, notes: Notes) -> ForceCancelled:
+            run_id = self._resolve(conn, ref, tenant_id)
             ended = self._ctx.end_run(
                 conn,
                 notes,

@@ -10,7 +10,9 @@ nothing and changes nothing.
 
 The mapping (also in docs/runbook.md):
 
-* a run's tenant is its ``business_id``; its ``request_id`` is ``seed-run-<id>``;
+* a run's tenant is its ``business_id``; its ``request_id`` is ``seed-run-<id>``; its
+  ``number`` is the monolith's id, so the UI's URLs keep naming it, and new runs are
+  numbered above the largest adopted one (on PostgreSQL the sequence is moved past it);
 * statuses: pending, running, completed, failed, cancelled (or canceled) and
   stopped map to the runsvc state of the same meaning; any other status
   becomes STOPPED with the reason ``SEED_UNKNOWN_STATUS``;
@@ -42,10 +44,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, MetaData, Table, inspect, select
+from sqlalchemy import Connection, MetaData, Table, inspect, select, text
 
 from runsvc.domain import ACTIVE_STATES, JobState, RunState, StopReason
-from runsvc.store.schema import jobs, runs
+from runsvc.store.engine import is_postgres
+from runsvc.store.schema import RUN_NUMBER_SEQUENCE, jobs, runs
 
 SEED_RUNS = "outbound_call_runs"
 SEED_JOBS = "outbound_call_jobs"
@@ -167,6 +170,7 @@ def _run_values(row: Mapping[str, Any], plan: Plan, *, live_kept: bool) -> dict[
     plan.run_states[state.value] += 1
     return {
         "id": run_uuid(row["id"]),
+        "number": int(row["id"]),
         "tenant_id": str(row["business_id"]),
         "request_id": f"seed-run-{row['id']}",
         "state": state.value,
@@ -232,8 +236,8 @@ def _job_values(
     }
 
 
-def _present(conn: Connection, column: Any, ids: Sequence[str]) -> set[str]:
-    found: set[str] = set()
+def _present(conn: Connection, column: Any, ids: Sequence[Any]) -> set[Any]:
+    found: set[Any] = set()
     for start in range(0, len(ids), BATCH):
         chunk = ids[start : start + BATCH]
         found |= set(conn.execute(select(column).where(column.in_(chunk))).scalars())
@@ -282,10 +286,36 @@ def adopt(conn: Connection, *, apply: bool) -> Plan:
     plan.runs_copied = len(new_runs)
     ordered = [new_runs[r["id"]] for r in all_runs if r["id"] in new_runs]
     if apply:
+        _refuse_taken_numbers(conn, [v["number"] for v in ordered])
         for start in range(0, len(ordered), BATCH):
             conn.execute(runs.insert(), ordered[start : start + BATCH])
+        _number_new_runs_above(conn, [v["number"] for v in ordered])
     _adopt_jobs(conn, seed_jobs, all_runs, new_runs, plan, apply=apply, migrated=migrated)
     return plan
+
+
+def _refuse_taken_numbers(conn: Connection, numbers: Sequence[int]) -> None:
+    """A run runsvc created before adoption may hold a monolith id as its number."""
+    taken = sorted(_present(conn, runs.c.number, list(numbers)))
+    if taken:
+        shown = ", ".join(map(str, taken[:10]))
+        raise RuntimeError(
+            f"runs numbered {shown} already exist in runsvc: adopt the monolith's runs"
+            " before runsvc creates runs of its own (nothing was copied)"
+        )
+
+
+def _number_new_runs_above(conn: Connection, numbers: Sequence[int]) -> None:
+    """On PostgreSQL, move the sequence past the adopted numbers (never back)."""
+    if not numbers or not is_postgres(conn):
+        return
+    conn.execute(
+        text(
+            f"SELECT setval('{RUN_NUMBER_SEQUENCE}', greatest(:top,"
+            f" (SELECT last_value FROM {RUN_NUMBER_SEQUENCE})))"
+        ),
+        {"top": max(numbers)},
+    )
 
 
 def _adopt_jobs(

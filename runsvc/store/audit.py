@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import ColumnElement, Connection, or_, select
 
-from runsvc.store.schema import audit_events
+from runsvc.domain import LARGEST_RUN_NUMBER, run_number
+from runsvc.store.schema import audit_events, runs
 
 
 def record(
@@ -52,9 +53,19 @@ def recent(
     if tenant_id is not None:
         query = query.where(audit_events.c.tenant_id == tenant_id)
     if run_id is not None:
-        query = query.where(audit_events.c.run_id == run_id)
+        query = query.where(_names_run(run_id))
     rows = conn.execute(query.order_by(audit_events.c.id.desc()).limit(limit)).all()
     return [{**row._asdict(), "detail": json.loads(row.detail)} for row in reversed(rows)]
+
+
+def _names_run(ref: str) -> ColumnElement[bool]:
+    """Rows of the run ``ref`` names: by its id, or by its number (and any row that named
+    it by that number, such as a refusal)."""
+    number = run_number(ref)
+    if number is None or number > LARGEST_RUN_NUMBER:
+        return audit_events.c.run_id == ref
+    numbered = select(runs.c.id).where(runs.c.number == number).scalar_subquery()
+    return or_(audit_events.c.run_id == ref, audit_events.c.run_id == numbered)
 
 
 def record_many(conn: Connection, events: Sequence[Mapping[str, Any]], *, now: datetime) -> None:

@@ -99,6 +99,7 @@ def _state_in(states: Iterable[RunState]) -> ColumnElement[bool]:
 def _run_from_row(row: Row[Any], counts: JobCounts) -> Run:
     return Run(
         id=row.id,
+        number=row.number,
         tenant_id=row.tenant_id,
         state=RunState(row.state),
         request_id=row.request_id,
@@ -188,6 +189,14 @@ def _one_run(conn: Connection, *where: ColumnElement[bool]) -> Run | None:
 
 def get(conn: Connection, run_id: str, *, tenant_id: str | None) -> Run | None:
     return _one_run(conn, runs.c.id == run_id, _scoped(tenant_id))
+
+
+def id_by_number(conn: Connection, number: int, *, tenant_id: str | None) -> str | None:
+    """The id of the run with this number, if the tenant may see it."""
+    found: str | None = conn.execute(
+        select(runs.c.id).where(runs.c.number == number, _scoped(tenant_id))
+    ).scalar_one_or_none()
+    return found
 
 
 def get_by_request(conn: Connection, request_id: str, *, tenant_id: str) -> Run | None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Boolean,
     Column,
@@ -20,12 +21,17 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Sequence,
     String,
     Table,
     Text,
+    event,
     text,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -61,6 +67,34 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+RUN_NUMBER_SEQUENCE = "runs_number_seq"
+# PostgreSQL's source of run numbers; SQLite has no sequences (see NextRunNumber).
+run_number_sequence = Sequence(RUN_NUMBER_SEQUENCE, metadata=metadata)
+
+
+class NextRunNumber(ColumnElement[int]):
+    """The next run number, computed by the database inside the INSERT.
+
+    PostgreSQL draws it from ``runs_number_seq``. SQLite takes one above the
+    largest number in the table: the statement runs under SQLite's single
+    write lock, so two inserts never see the same largest number, and runs are
+    never deleted, so a number is never handed out twice.
+    """
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(NextRunNumber, "postgresql")
+def _next_number_postgresql(element: NextRunNumber, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"nextval('{RUN_NUMBER_SEQUENCE}')"
+
+
+@compiles(NextRunNumber)
+def _next_number_sqlite(element: NextRunNumber, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(SELECT coalesce(max(number), 0) + 1 FROM runs)"
+
+
 ACTIVE_STATES_SQL = "state IN ('PENDING', 'RUNNING')"
 RUNNING_SQL = "state = 'RUNNING'"
 CANCELLING_SQL = "state = 'RUNNING' AND cancel_requested"
@@ -69,6 +103,8 @@ runs = Table(
     "runs",
     metadata,
     Column("id", String(36), primary_key=True),
+    # Short, unique and increasing: how people and the monolith's URLs name a run.
+    Column("number", BigInteger, nullable=False, default=NextRunNumber()),
     Column("tenant_id", String(128), nullable=False),
     Column("request_id", String(128), nullable=False),
     Column("state", String(16), nullable=False),
@@ -86,6 +122,7 @@ runs = Table(
     Column("ended_at", UtcDateTime),
     Column("updated_at", UtcDateTime, nullable=False),
     Index("uq_runs_tenant_id_request_id", "tenant_id", "request_id", unique=True),
+    Index("uq_runs_number", "number", unique=True),
     # The UI's "active queue": at most one pending or running run per tenant,
     # held by the database so that no check-then-insert race can break it.
     Index(
@@ -113,6 +150,13 @@ runs = Table(
     Index("ix_runs_tenant_id_created_at", "tenant_id", "created_at"),
     Index("ix_runs_worker_id_state", "worker_id", "state"),
 )
+
+# On PostgreSQL the column's own default draws from the sequence too, so rows
+# inserted by plain SQL (bulk loads, an operator's psql) are numbered as well.
+RUN_NUMBER_DEFAULT_SQL = (
+    f"ALTER TABLE runs ALTER COLUMN number SET DEFAULT nextval('{RUN_NUMBER_SEQUENCE}')"
+)
+event.listen(runs, "after_create", DDL(RUN_NUMBER_DEFAULT_SQL).execute_if(dialect="postgresql"))
 
 jobs = Table(
     "jobs",

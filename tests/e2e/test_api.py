@@ -200,6 +200,31 @@ def test_other_tenants_cannot_tell_a_foreign_run_from_a_missing_one(
     assert other_tenant.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_a_run_is_named_by_its_number_as_well_as_its_id(stub: pb_grpc.RunServiceStub) -> None:
+    first = create(stub, request_id="n1")
+    assert first.number >= 1
+    by_number = stub.GetRun(pb.GetRunRequest(run_id=str(first.number)), metadata=BACKEND).run
+    assert by_number == stub.GetRun(pb.GetRunRequest(run_id=first.id), metadata=BACKEND).run
+    cancelled = stub.Cancel(pb.CancelRequest(run_id=str(first.number)), metadata=BACKEND).run
+    assert cancelled.id == first.id and cancelled.state == pb.RUN_STATE_CANCELLED
+    second = create(stub, request_id="n2")
+    assert second.number > first.number
+    forced = stub.ForceCancel(pb.ForceCancelRequest(run_id=str(second.number)), metadata=BACKEND)
+    assert forced.run.id == second.id and forced.cancelled_jobs == 5
+    # Another tenant's number is refused exactly like a number nobody has.
+    answers = []
+    for ref in (str(second.number), str(second.number + 1000)):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetRun(pb.GetRunRequest(run_id=ref), metadata=OTHER_BACKEND)
+        answers.append(refusal(refused.value))
+    assert answers[0] == answers[1]
+    assert answers[0][0] is grpc.StatusCode.PERMISSION_DENIED
+    for bad in ("0", str(2**63), "-1", "١٢"):
+        with pytest.raises(grpc.RpcError) as invalid:
+            stub.GetRun(pb.GetRunRequest(run_id=bad), metadata=BACKEND)
+        assert invalid.value.code() is grpc.StatusCode.INVALID_ARGUMENT, bad
+
+
 @pytest.mark.parametrize(
     "metadata",
     [

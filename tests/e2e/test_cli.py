@@ -332,6 +332,8 @@ def test_backend_flow(cli_server: ServerProcess) -> None:
     fetched = cli_server.cli_json("runs", "get", run.id)
     assert fetched["id"] == run.id
     assert fetched["state"] == "RUN_STATE_CANCELLED"
+    by_number = cli_server.cli_json("runs", "get", str(run.number), "--token", token)
+    assert by_number["id"] == run.id and int(by_number["number"]) == run.number
 
     after = cli_server.cli("runs", "active", "--token", token)
     assert after.returncode != 0
@@ -420,6 +422,8 @@ def test_audit_list_shows_refusals_for_a_run_and_a_tenant(cli_server: ServerProc
     run = create_run(cli_server, cli_server.token("backend", "t7"), "cli-audit-1")
     intruder = cli_server.token("backend", "t8", subject="intruder")
     assert cli_server.cli("runs", "get", run.id, "--token", intruder).returncode != 0
+    number = str(run.number)
+    assert cli_server.cli("runs", "get", number, "--token", intruder).returncode != 0
     assert cli_server.cli("force-cancel", run.id, "--reason", "ops").returncode == 0
     done = cli_server.cli("audit", "list", "--run", run.id)
     assert done.returncode == 0, done.stderr
@@ -429,5 +433,16 @@ def test_audit_list_shows_refusals_for_a_run_and_a_tenant(cli_server: ServerProc
         ("FORCE_CANCEL", "RUN_ENDED"),
     ]
     assert rows[0]["actor"] == "intruder" and rows[0]["tenant_id"] == "t8"
+    # By its number: the same rows, and the refusal that named the run by that number.
+    by_number = cli_server.cli("audit", "list", "--run", number)
+    rows = [json.loads(line) for line in by_number.stdout.splitlines()]
+    assert [(r["action"], r["run_id"]) for r in rows] == [
+        ("RUN_NOT_VISIBLE", run.id),
+        ("RUN_NOT_VISIBLE", number),
+        ("RUN_ENDED", run.id),
+    ]
     by_tenant = cli_server.cli("audit", "list", "--tenant", "t8")
-    assert [json.loads(line)["run_id"] for line in by_tenant.stdout.splitlines()] == [run.id]
+    assert [json.loads(line)["run_id"] for line in by_tenant.stdout.splitlines()] == [
+        run.id,
+        number,
+    ]

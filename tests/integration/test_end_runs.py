@@ -18,7 +18,7 @@ from runsvc.store.schema import audit_events, jobs, runs
 from tests.conftest import BACKEND, WORKER
 
 # What differs between two runs ended alike: who they are, not how they ended.
-IDENTITY = {"id", "tenant_id", "request_id", "run_id", "external_id", "created_at"}
+IDENTITY = {"id", "tenant_id", "request_id", "run_id", "external_id", "created_at", "number"}
 
 
 def start_run(service: RunService, tenant: str, *, cancel: bool = False) -> str:

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from runsvc import cli
 from runsvc.clock import FakeClock
-from runsvc.domain import LivenessPolicy
+from runsvc.domain import JobSpec, LivenessPolicy
 from runsvc.reaper import REAPER, Reaper
 from runsvc.service import RunService
 from runsvc.slots import SlotLimits, StoreSlots
@@ -315,3 +315,37 @@ def test_adopted_runs_are_judged_by_runsvc_rules(
     after = dump(seed_url, "runs", "jobs")
     run_cli(monkeypatch, seed_url, "--adopt-seed")
     assert dump(seed_url, "runs", "jobs") == after
+
+
+def test_adopted_runs_keep_the_monoliths_ids_as_numbers_and_new_runs_follow(
+    seed_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_cli(monkeypatch, seed_url, "--adopt-seed")
+    runs = runs_by_seed_id(seed_url)
+    assert {seed_id: r["number"] for seed_id, r in runs.items()} == {
+        seed_id: seed_id for seed_id, *_ in SEED_RUNS
+    }
+    db = Database(make_engine(seed_url))
+    try:
+        service = RunService(
+            db=db,
+            clock=FakeClock(utc(NOW)),
+            slots=StoreSlots(SlotLimits(default=3)),
+            policy=LivenessPolicy(),
+        )
+        created = [
+            service.backend.create_run(
+                tenant_id=f"new-{i}",
+                request_id="r",
+                jobs=[JobSpec("a", b"")],
+                caller=REAPER,
+            )
+            for i in range(2)
+        ]
+        # By number, the adopted run is found as the monolith named it.
+        found = service.backend.get_run(tenant_id="1", run_id="2", caller=REAPER)
+    finally:
+        db.dispose()
+    largest = max(seed_id for seed_id, *_ in SEED_RUNS)
+    assert [run.number for run in created] == [largest + 1, largest + 2]
+    assert found.id == adopt.run_uuid(2) and found.number == 2

@@ -148,9 +148,11 @@ def test_run_to_proto_round_trips_times_and_counts() -> None:
         end_time=None,
         last_heartbeat_time=CREATED + timedelta(seconds=5, microseconds=250),
         job_counts=JobCounts(total=10, queued=4, in_progress=3, completed=2, failed=1),
+        number=2**40 + 7,
     )
     message = convert.run_to_proto(run)
     assert message.id == run.id
+    assert message.number == 2**40 + 7  # int64, beyond 32 bits
     assert message.tenant_id == "t1"
     assert message.state == pb.RUN_STATE_RUNNING
     assert message.request_id == "req-1"

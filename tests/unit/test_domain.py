@@ -17,6 +17,7 @@ from runsvc.domain import (
     RunState,
     StopReason,
     finalization_for_lost_run,
+    run_number,
     sources,
     target,
 )
@@ -216,3 +217,19 @@ def test_slot_check_allows_more_in_redis_only_while_releases_wait() -> None:
     assert [v.kind for v in slot_violations({"a": (1, 2)}, pending_releases=5)] == ["SLOTS"]
     kinds = [v.kind for v in slot_violations({"a": (None, 2)}, pending_releases=0)]
     assert kinds == ["SLOTS_UNREADABLE"]
+
+
+@pytest.mark.parametrize(
+    ("ref", "number"),
+    [
+        ("123", 123),
+        ("007", 7),
+        ("7d1f5b8e-0000-4000-8000-000000000001", None),
+        ("", None),
+        ("-1", None),
+        ("1e3", None),
+        ("١٢", None),  # digits, but not ASCII ones
+    ],
+)
+def test_a_run_reference_of_ascii_digits_names_a_number(ref: str, number: int | None) -> None:
+    assert run_number(ref) == number

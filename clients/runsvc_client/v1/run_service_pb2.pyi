@@ -75,7 +75,7 @@ class JobCounts(_message.Message):
     def __init__(self, total: _Optional[int] = ..., queued: _Optional[int] = ..., in_progress: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "tenant_id", "state", "stop_reason", "cancel_requested", "worker_id", "lease_epoch", "create_time", "start_time", "end_time", "last_heartbeat_time", "job_counts", "request_id", "cancel_reason", "cancel_request_time")
+    __slots__ = ("id", "tenant_id", "state", "stop_reason", "cancel_requested", "worker_id", "lease_epoch", "create_time", "start_time", "end_time", "last_heartbeat_time", "job_counts", "request_id", "cancel_reason", "cancel_request_time", "number")
     ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Run(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REASON_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant_id: str
     state: RunState
@@ -106,7 +107,8 @@ class Run(_message.Message):
     request_id: str
     cancel_reason: str
     cancel_request_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stop_reason: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., worker_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_counts: _Optional[_Union[JobCounts, _Mapping]] = ..., request_id: _Optional[str] = ..., cancel_reason: _Optional[str] = ..., cancel_request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    number: int
+    def __init__(self, id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stop_reason: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., worker_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_counts: _Optional[_Union[JobCounts, _Mapping]] = ..., request_id: _Optional[str] = ..., cancel_reason: _Optional[str] = ..., cancel_request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., number: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "run_id", "external_id", "payload", "state", "error", "late")
