@@ -40,6 +40,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 STALE = 3.0  # heartbeats every 1 s, self-fencing after 2 s
 LIVE_WORKERS = 3
 JOBS = 400  # more than a dialer gets through in the test (~20 calls/s)
+CYCLE_SECONDS = 0.1  # the backend loop: at most 20 writes and 30 reads a second in all
+# Per replica and tenant: room for the whole loop's rate on any one replica, with a margin.
+RATE_LIMITS = "read=100:100,write=50:50"
 
 
 @dataclass
@@ -49,6 +52,12 @@ class BackendLoop:
     ``reader`` reads a workers' tenant (its active run, a page of runs, one run);
     ``writer`` creates runs of a tenant of its own and ends each at once, with
     Cancel (retried) and ForceCancel (never retried by the client) in turn.
+
+    The loop is paced by the clock, one cycle per ``CYCLE_SECONDS`` at most, so
+    its rate is the same on a fast machine as on a slow one and stays under the
+    replicas' per-tenant rate limits, which this test does not test: two writes
+    and three reads per cycle against RATE_LIMITS below, even if every call of a
+    second lands on one replica.
     """
 
     reader: BackendClient
@@ -68,20 +77,27 @@ class BackendLoop:
             return None
 
     def run(self) -> None:
+        next_cycle = time.monotonic()
         while not self.stop.is_set():
-            self.attempt("get_active", self.reader.get_active)
-            self.attempt("get_run", self.reader.get_run, self.watched_run)
-            self.attempt("list_runs", lambda: next(iter(self.reader.list_runs()), None))
-            jobs = [JobSpec("c1")]
-            created = self.attempt(
-                "create_run", self.writer.create_run, jobs, request_id=f"loop-{self.cycles}"
-            )
-            if created is not None and self.cycles % 2:
-                self.attempt("cancel", self.writer.cancel, created.id)
-            elif created is not None:
-                self.attempt("force_cancel", self.writer.force_cancel, created.id)
-            self.cycles += 1
-            time.sleep(0.02)
+            next_cycle += CYCLE_SECONDS
+            self.cycle()
+            # A late cycle starts the next one at once, never a burst to catch up.
+            next_cycle = max(next_cycle, time.monotonic())
+            self.stop.wait(next_cycle - time.monotonic())
+
+    def cycle(self) -> None:
+        self.attempt("get_active", self.reader.get_active)
+        self.attempt("get_run", self.reader.get_run, self.watched_run)
+        self.attempt("list_runs", lambda: next(iter(self.reader.list_runs()), None))
+        jobs = [JobSpec("c1")]
+        created = self.attempt(
+            "create_run", self.writer.create_run, jobs, request_id=f"loop-{self.cycles}"
+        )
+        if created is not None and self.cycles % 2:
+            self.attempt("cancel", self.writer.cancel, created.id)
+        elif created is not None:
+            self.attempt("force_cancel", self.writer.force_cancel, created.id)
+        self.cycles += 1
 
 
 def terminal_audit_counts(store: Store) -> dict[str, int]:
@@ -124,6 +140,7 @@ def test_three_replicas_one_killed_and_restarted_mid_load(
         "RUNSVC_STALE_AFTER_SECONDS": str(STALE),
         "RUNSVC_REDIS_URL": redis_url,
         "RUNSVC_REDIS_KEY_PREFIX": redis_prefix,
+        "RUNSVC_RATE_LIMITS": RATE_LIMITS,
     }
     replicas = start_replicas(fleet, env)
     addresses = ",".join(r.address for r in replicas)
