@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from runsvc import shutdown, tokens
 from runsvc.api.auth import RPC_ROLES, SERVICE, AuthInterceptor
+from runsvc.api.open_streams import OpenStreams
 from runsvc.api.request_context import RequestContextInterceptor
 from runsvc.api.servicer import RunServiceServicer
 from runsvc.clock import Clock
@@ -39,13 +40,21 @@ from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_SEND_BYTES = 4 * 1024 * 1024
+# The health port's own threads: probes only, so a few are plenty.
+HEALTH_THREADS = 4
 
 
-def jwt_secret(settings: Settings) -> str:
-    """The configured secret, else the one kept in the data folder (created on first use)."""
+def jwt_secret(settings: Settings, *, create: bool = False) -> str:
+    """The configured secret, else the one kept in the data folder.
+
+    Only ``serve`` creates it (``create``): a command run from the wrong folder
+    must say so, not leave a new secret there that no server knows.
+    """
     if settings.jwt_secret:
         return settings.jwt_secret
-    return tokens.load_or_create_secret(settings.jwt_secret_file)
+    if create:
+        return tokens.load_or_create_secret(settings.jwt_secret_file)
+    return tokens.read_secret(settings.jwt_secret_file)
 
 
 def token_verifier(settings: Settings, secret: str | None) -> tokens.Verifier:
@@ -173,9 +182,13 @@ class Server:
             max_deadline_seconds=settings.grpc_max_deadline_seconds,
             on_denied=metrics.observer.denied if metrics is not None else _ignore_denial,
         )
-        # Outermost first: the request id is bound before anything logs, and
-        # the metrics see the codes that authentication answers.
-        interceptors: list[grpc.ServerInterceptor] = [RequestContextInterceptor()]
+        # Outermost first: an open stream over its share is refused before any
+        # other work, the request id is bound before anything logs, and the
+        # metrics see the codes that authentication answers.
+        interceptors: list[grpc.ServerInterceptor] = [
+            self._open_streams(settings),
+            RequestContextInterceptor(),
+        ]
         if metrics is not None:
             metrics.grpc.preregister(SERVICE, RPC_ROLES)
             interceptors.append(metrics.grpc)
@@ -212,10 +225,12 @@ class Server:
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (pb.DESCRIPTOR.services_by_name["RunService"].full_name, reflection.SERVICE_NAME),
-            self._grpc,
-        )
+        if settings.grpc_reflection:
+            reflection.enable_server_reflection(
+                (pb.DESCRIPTOR.services_by_name["RunService"].full_name, reflection.SERVICE_NAME),
+                self._grpc,
+            )
+        self._health_server, self.health_port = self._health_only(settings, share_port)
         credentials = server_credentials(settings)
         if credentials is None:
             self.port = self._grpc.add_insecure_port(settings.grpc_address)
@@ -237,6 +252,39 @@ class Server:
             daemon=True,
         )
 
+    @staticmethod
+    def _open_streams(settings: Settings) -> OpenStreams:
+        return OpenStreams(
+            limit=settings.grpc_open_streams, lifetime_seconds=settings.grpc_open_stream_seconds
+        )
+
+    def _health_only(
+        self, settings: Settings, share_port: bool
+    ) -> tuple[grpc.Server | None, int | None]:
+        """The health port: the same health service on threads of its own, plaintext.
+
+        A replica whose RPC threads are all busy still answers its probes here,
+        so a liveness probe tells a dead replica from a saturated one; kubelet's
+        gRPC probes cannot speak TLS, so this port never does.
+        """
+        if settings.health_address is None:
+            return None, None
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="health"),
+            interceptors=[self._open_streams(settings)],
+            options=[
+                ("grpc.so_reuseport", 1 if share_port else 0),
+                ("grpc.max_receive_message_length", 1024),
+                ("grpc.max_connection_age_ms", int(settings.grpc_open_stream_seconds * 1000)),
+            ],
+            maximum_concurrent_rpcs=HEALTH_THREADS * 4,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        port = server.add_insecure_port(settings.health_address)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {settings.health_address}")
+        return server, port
+
     def start(self) -> None:
         if self._startup_cleanup:
             report = self.components.reaper.startup_pass()
@@ -247,6 +295,9 @@ class Server:
         if self.components.slot_sync is not None:
             self.components.slot_sync.start()
         self._grpc.start()
+        if self._health_server is not None:
+            self._health_server.start()
+            log.info("serving health", extra={"health_port": self.health_port})
         self._reaper_thread.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -259,6 +310,8 @@ class Server:
         self._stop_reaper.set()
         grace = self.components.settings.shutdown_grace_seconds if grace is None else grace
         self._grpc.stop(grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         self.audit.flush()
         self.components.service.close()
         if self._reaper_thread.is_alive():
@@ -283,7 +336,7 @@ def serve(settings: Settings, *, replica: Replica | None = None) -> int:
     if url.startswith("sqlite"):
         # The embedded default needs no separate step: bring its schema up to date.
         migrate.upgrade(url)
-    secret = jwt_secret(settings) if "HS256" in settings.jwt_algorithms else None
+    secret = jwt_secret(settings, create=True) if "HS256" in settings.jwt_algorithms else None
     if secret and not settings.jwt_secret:
         log.info(
             "using the signing secret kept in the data folder",

@@ -58,6 +58,14 @@ class Settings:
     # A connection is closed gracefully (GOAWAY) after this long, so that clients
     # balancing over a DNS name resolve it again and reach replicas added since.
     grpc_max_connection_age_seconds: float = 300.0
+    # The open services (SECURITY.md): reflection only when asked for; their
+    # streams (health Watch, reflection) a few at once, each for a bounded time.
+    grpc_reflection: bool = False
+    grpc_open_streams: int = 4
+    grpc_open_stream_seconds: float = 60.0
+    # A plaintext port that serves only gRPC health, on threads of its own, for
+    # probes that must tell a dead replica from a busy one (None: none).
+    health_address: str | None = None
     rate_limits: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     audit_aggregate_seconds: float = 60.0
     # None: no exporter (RUNSVC_METRICS_ADDRESS=off, or set to nothing).
@@ -231,7 +239,7 @@ def _rate_limits(raw: str) -> dict[str, tuple[float, float]]:
     return result
 
 
-def _metrics_address(raw: str) -> str | None:
+def _optional_address(raw: str) -> str | None:
     if raw.strip().lower() in {"", "off"}:
         return None
     return _address(raw)
@@ -286,9 +294,13 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_GRPC_MAX_CONCURRENT_RPCS": ("grpc_max_concurrent_rpcs", _bounded_int(1, 10_000)),
     "RUNSVC_GRPC_MAX_DEADLINE_SECONDS": ("grpc_max_deadline_seconds", _positive_float),
     "RUNSVC_GRPC_MAX_CONNECTION_AGE_SECONDS": ("grpc_max_connection_age_seconds", _positive_float),
+    "RUNSVC_GRPC_REFLECTION": ("grpc_reflection", _flag),
+    "RUNSVC_GRPC_OPEN_STREAMS": ("grpc_open_streams", _bounded_int(1, 64)),
+    "RUNSVC_GRPC_OPEN_STREAM_SECONDS": ("grpc_open_stream_seconds", _positive_float),
+    "RUNSVC_HEALTH_ADDRESS": ("health_address", _optional_address),
     "RUNSVC_RATE_LIMITS": ("rate_limits", _rate_limits),
     "RUNSVC_AUDIT_AGGREGATE_SECONDS": ("audit_aggregate_seconds", _positive_float),
-    "RUNSVC_METRICS_ADDRESS": ("metrics_address", _metrics_address),
+    "RUNSVC_METRICS_ADDRESS": ("metrics_address", _optional_address),
     "RUNSVC_METRICS_TENANT_SERIES": ("metrics_tenant_series", _tenant_series),
     "RUNSVC_REDIS_URL": ("redis_url", _redis_url),
     "RUNSVC_REDIS_KEY_PREFIX": ("redis_key_prefix", _key_prefix),
@@ -330,6 +342,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             problems.append(f"{name}={shown}: {error}")
     if problems:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+    # Absolute from the start: the secret and the embedded database are found in
+    # one place whatever folder a later command runs from, and logs name it fully.
+    values["data_dir"] = Path(values.get("data_dir", Settings.data_dir)).absolute()  # type: ignore[arg-type]
     settings = Settings(**values)  # type: ignore[arg-type]
     if settings.startup_cleanup_after_seconds < settings.stale_after_seconds:
         raise SettingsError(

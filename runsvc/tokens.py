@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -266,11 +267,12 @@ def load_or_create_secret(path: Path) -> str:
 
     Created under a temporary name and linked into place, so that a server and
     a command starting together agree on one secret and never read half a file.
+    Only ``serve`` creates it; every other command reads it with :func:`read_secret`.
     """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_urlsafe(48) + "\n")
@@ -278,7 +280,41 @@ def load_or_create_secret(path: Path) -> str:
                 os.link(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
-    secret = path.read_text().strip()
+    return read_secret(path)
+
+
+class SecretFileError(ValueError):
+    """The secret file is missing, or anyone but its owner could have read or replaced it."""
+
+
+def read_secret(path: Path) -> str:
+    """The secret in ``path``, opened without following a link and refused unless private.
+
+    A secret that others can read is no secret: the file must be a regular
+    file owned by this user, with no permission for group or others.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError as error:
+        raise SecretFileError(f"there is no signing secret at {path}") from error
+    except OSError as error:  # ELOOP: the path is a symbolic link
+        raise SecretFileError(
+            f"the signing secret {path} is a link or unreadable: {error}"
+        ) from error
+    with os.fdopen(fd) as handle:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise SecretFileError(f"the signing secret {path} is not a regular file")
+        if status.st_uid != os.geteuid():
+            raise SecretFileError(f"the signing secret {path} belongs to another user")
+        if status.st_mode & 0o077:
+            raise SecretFileError(
+                f"the signing secret {path} can be read by others "
+                f"(mode {stat.S_IMODE(status.st_mode):04o}; chmod 600 it)"
+            )
+        secret = handle.read().strip()
     if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"the signing secret in {path} is shorter than {MIN_SECRET_BYTES} bytes")
+        raise SecretFileError(
+            f"the signing secret in {path} is shorter than {MIN_SECRET_BYTES} bytes"
+        )
     return secret

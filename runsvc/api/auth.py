@@ -7,8 +7,9 @@ are open.
 
 Every call of ours passes, in this order (AIP-211: authorization before
 validation): authentication (a bearer token, or a worker's client
-certificate), the role table, the tenant's rate limit for the RPC's class,
-the deadline cap, and only then the decoding of the request bytes, so that
+certificate), the tenant's rate limit for the RPC's class (before the role
+check, whose refusal is audited: a flood is refused before any audit work),
+the role table, the deadline cap, and only then the decoding of the request bytes, so that
 an unauthenticated caller never reaches the protobuf parser and a message
 that does not parse is INVALID_ARGUMENT, not INTERNAL.
 """
@@ -16,7 +17,6 @@ that does not parse is INVALID_ARGUMENT, not INTERNAL.
 from __future__ import annotations
 
 import contextvars
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,8 +32,6 @@ from runsvc.ratelimit import RateLimiter
 from runsvc.service.context import Caller
 from runsvc.service.security import SecurityAudit
 from runsvc.tokens import Principal
-
-log = logging.getLogger("runsvc.audit")
 
 SERVICE = "runsvc.v1.RunService"
 OPEN_SERVICES = frozenset(
@@ -200,19 +198,6 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 tenant_id=principal.tenant_id,
                 method=method,
             )
-        else:
-            log.warning(
-                "role may not call this method",
-                extra={
-                    "audit": {
-                        "tag": "SECURITY",
-                        "method": method,
-                        "caller": principal.subject,
-                        "role": principal.role,
-                        "tenant_id": principal.tenant_id,
-                    }
-                },
-            )
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "the caller may not do this")
 
     def _throttle(self, principal: Principal, rate_class: str, context: Any) -> None:
@@ -254,9 +239,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         def behaviour(raw: bytes, context: grpc.ServicerContext) -> Any:
             principal = self._authenticate(token, details.method, context)
+            # The rate limit comes before the role check: a refusal costs an audit
+            # count, so a caller past its budget must not reach one.
+            self._throttle(principal, rate_class, context)
             if allowed is None or principal.role not in allowed:
                 self._deny_role(principal, details.method, context)
-            self._throttle(principal, rate_class, context)
             try:
                 request = decode(raw) if decode is not None else raw
             except Exception:

@@ -1,10 +1,12 @@
-"""Security decisions for the audit trail: denials, and refusals aggregated by window.
+"""Security decisions for the audit trail: every refusal, counted by window.
 
-A denial of an authenticated caller is one ``SECURITY`` row and one JSON log
-line, at once. Refused tokens and rate-limited calls can come by the
-thousand from one attacker, so they are counted in memory and written as one
-row (and one log line) per kind and tenant per window, with the count: a
-flood cannot flood the audit table or the log.
+Refusals can come by the thousand from one caller (a bad token, a role that
+may not call a method, a spent rate limit), so they are never written one
+row per call. The first refusal of a kind and tenant is written at once (an
+operator sees it without waiting), the ones after it within the window are
+counted in memory and written as one row with the count when the window is
+over, or at stop: two rows per kind and tenant per window at most, whatever
+the flood. Each row keeps a few samples of who was refused and for what.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import Connection
 
@@ -30,6 +31,9 @@ MAX_SAMPLES = 5
 
 @dataclass
 class _Tally:
+    """The refusals of one kind and tenant since the window's first, which is written."""
+
+    started: float
     count: int = 0
     samples: list[str] = field(default_factory=list)
 
@@ -47,7 +51,6 @@ class SecurityAudit:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._tallies: dict[tuple[str, str | None], _Tally] = {}
-        self._window_start: float | None = None
 
     def denied(
         self,
@@ -56,68 +59,53 @@ class SecurityAudit:
         caller: Caller,
         tenant_id: str | None,
         method: str,
-        run_id: str | None = None,
     ) -> None:
-        """An authenticated caller was refused: one row now, in its own transaction."""
-        detail = {"caller": caller.subject, "role": caller.role, "method": method}
-        self._write(action, tenant_id=tenant_id, run_id=run_id, actor=caller.subject, detail=detail)
-        audit_log.warning(
-            "access denied",
-            extra={
-                "audit": {
-                    "tag": SECURITY,
-                    "action": action,
-                    "tenant_id": tenant_id,
-                    "run_id": run_id,
-                    **detail,
-                }
-            },
-        )
+        """An authenticated caller was refused (a role, a permission)."""
+        self.count(action, tenant_id=tenant_id, sample=f"{caller.subject} ({caller.role}) {method}")
 
     def count(self, action: str, *, tenant_id: str | None, sample: str) -> None:
-        """A refusal that may come in floods: counted, written once per window."""
+        """One refusal: the window's first is written now, the rest counted."""
         now = self._monotonic()
+        key = (action, tenant_id)
         with self._lock:
-            tally = self._tallies.setdefault((action, tenant_id), _Tally())
-            tally.count += 1
-            if len(tally.samples) < MAX_SAMPLES and sample not in tally.samples:
-                tally.samples.append(sample)
-            due = self._window_start is None or now - self._window_start >= self._window
-        if due:
-            self.flush()
+            tally = self._tallies.get(key)
+            first = tally is None
+            if tally is None:
+                self._tallies[key] = _Tally(started=now)
+            else:
+                tally.count += 1
+                if len(tally.samples) < MAX_SAMPLES and sample not in tally.samples:
+                    tally.samples.append(sample)
+            over = [k for k, t in self._tallies.items() if now - t.started >= self._window]
+            ended = [(k, self._tallies.pop(k)) for k in over]
+        if first:
+            self._report(action, tenant_id, count=1, samples=[sample])
+        self._report_counts(ended)
 
     def flush(self) -> None:
-        """Write the counts gathered since the last flush (also called at stop)."""
+        """Write the counts gathered since each window's first refusal (also called at stop)."""
         with self._lock:
-            tallies, self._tallies = self._tallies, {}
-            self._window_start = self._monotonic()
-        for (action, tenant_id), tally in sorted(tallies.items(), key=lambda kv: str(kv[0])):
-            detail = {"count": tally.count, "samples": tally.samples}
-            self._write(action, tenant_id=tenant_id, run_id=None, actor=None, detail=detail)
-            audit_log.warning(
-                "refusals",
-                extra={
-                    "audit": {"tag": SECURITY, "action": action, "tenant_id": tenant_id, **detail}
-                },
-            )
+            ended, self._tallies = list(self._tallies.items()), {}
+        self._report_counts(ended)
 
-    def _write(
-        self,
-        action: str,
-        *,
-        tenant_id: str | None,
-        run_id: str | None,
-        actor: str | None,
-        detail: dict[str, Any],
+    def _report_counts(self, ended: list[tuple[tuple[str, str | None], _Tally]]) -> None:
+        for (action, tenant_id), tally in sorted(ended, key=lambda kv: str(kv[0])):
+            if tally.count:
+                self._report(action, tenant_id, count=tally.count, samples=tally.samples)
+
+    def _report(
+        self, action: str, tenant_id: str | None, *, count: int, samples: list[str]
     ) -> None:
+        detail = {"count": count, "samples": samples}
+
         def work(conn: Connection) -> None:
             audit.record(
                 conn,
                 tag=SECURITY,
                 action=action,
                 tenant_id=tenant_id,
-                run_id=run_id,
-                actor=actor,
+                run_id=None,
+                actor=None,
                 now=self._ctx.clock.now(conn),
                 detail=detail,
             )
@@ -125,5 +113,9 @@ class SecurityAudit:
         try:
             self._ctx.db.run(work)
         except Exception:
-            # The refusal stands either way; the log line above or below still records it.
+            # The refusal stands either way; the log line below still records it.
             log.exception("could not write a security audit row", extra={"action": action})
+        audit_log.warning(
+            "refusals",
+            extra={"audit": {"tag": SECURITY, "action": action, "tenant_id": tenant_id, **detail}},
+        )

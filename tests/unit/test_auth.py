@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from pathlib import Path
@@ -255,7 +256,30 @@ def test_load_or_create_secret_creates_a_private_file_once(tmp_path: Path) -> No
 def test_load_or_create_secret_reads_an_existing_secret(tmp_path: Path) -> None:
     path = tmp_path / "jwt-secret"
     path.write_text(SECRET + "\n")
+    path.chmod(0o600)
     assert tokens.load_or_create_secret(path) == SECRET
+
+
+def test_a_secret_others_could_read_or_replace_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "jwt-secret"
+    path.write_text(SECRET + "\n")
+    path.chmod(0o640)
+    with pytest.raises(tokens.SecretFileError, match="can be read by others"):
+        tokens.read_secret(path)
+    path.chmod(0o600)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(tokens.SecretFileError, match="link"):
+        tokens.read_secret(link)
+    with pytest.raises(tokens.SecretFileError, match="link"):
+        tokens.load_or_create_secret(link)
+    if os.geteuid() == 0:  # only root can hand the file to someone else
+        os.chown(path, 4242, -1)
+        with pytest.raises(tokens.SecretFileError, match="another user"):
+            tokens.read_secret(path)
+    with pytest.raises(tokens.SecretFileError, match="no signing secret"):
+        tokens.read_secret(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
 
 
 def test_each_new_secret_differs(tmp_path: Path) -> None:

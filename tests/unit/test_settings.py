@@ -21,11 +21,11 @@ def test_defaults() -> None:
     assert loaded.tenant_slots == 10
     assert loaded.tenant_slot_overrides == {}
     assert loaded.grpc_address == "127.0.0.1:50051"
-    assert loaded.data_dir == Path("data")
+    assert loaded.data_dir == Path.cwd() / "data"  # made absolute at start
     assert loaded.database_url == ""
-    assert loaded.effective_database_url == "sqlite:///data/runsvc.db"
+    assert loaded.effective_database_url == f"sqlite:///{Path.cwd()}/data/runsvc.db"
     assert loaded.jwt_secret is None
-    assert loaded.jwt_secret_file == Path("data") / "jwt-secret"
+    assert loaded.jwt_secret_file == Path.cwd() / "data" / "jwt-secret"
     assert loaded.log_level == "INFO"
 
 
