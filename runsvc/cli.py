@@ -1,25 +1,21 @@
 """The ``runsvc`` command: serve, migrate, reap, mint tokens, and operate on runs.
 
-The run commands are ordinary gRPC clients: they send a bearer token (from
-``--token`` or ``RUNSVC_TOKEN``; on the server's own host, without one, a
-short-lived admin token signed with the local secret) to ``--address``.
+The run commands (runsvc/cli_runs.py) are ordinary gRPC clients.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from runsvc import logs, tokens
+from runsvc import cli_runs, logs, tokens
 from runsvc import settings as settings_module
 from runsvc.settings import Settings, SettingsError
 
 EXIT_USAGE = 2
-EXIT_RPC_ERROR = 1
 
 
 def _settings() -> Settings:
@@ -145,7 +141,15 @@ def cmd_token(args: argparse.Namespace) -> int:
     if "HS256" not in settings.jwt_algorithms:
         print("runsvc token: HS256 is not among RUNSVC_JWT_ALGORITHMS", file=sys.stderr)
         return EXIT_USAGE
-    secret = server.jwt_secret(settings)
+    try:
+        secret = server.jwt_secret(settings)
+    except tokens.SecretFileError as error:
+        print(
+            f"runsvc token: {error}; run it where the server runs (the same RUNSVC_DATA_DIR), "
+            "or set RUNSVC_JWT_SECRET",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         token = tokens.issue(
             secret,
@@ -219,106 +223,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
-# --- client commands --------------------------------------------------------------
-
-
-def _call(args: argparse.Namespace, rpc: str, request: Any) -> Any:
-    import grpc
-
-    from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
-
-    token = args.token or os.environ.get("RUNSVC_TOKEN")
-    if not token:
-        from runsvc import server
-
-        settings = _settings()
-        token = tokens.issue(
-            server.jwt_secret(settings),
-            role="admin",
-            tenant_id=None,
-            ttl_seconds=60,
-            subject="runsvc-cli",
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-        )
-    with grpc.insecure_channel(args.address) as channel:
-        stub = pb_grpc.RunServiceStub(channel)
-        try:
-            return getattr(stub, rpc)(
-                request, timeout=args.timeout, metadata=[("authorization", f"Bearer {token}")]
-            )
-        except grpc.RpcError as error:
-            print(f"runsvc: {error.code().name}: {error.details()}", file=sys.stderr)
-            raise SystemExit(EXIT_RPC_ERROR) from error
-
-
-def _print(message: Any) -> None:
-    from google.protobuf import json_format
-
-    print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
-
-
-def cmd_runs_active(args: argparse.Namespace) -> int:
-    from runsvc_client.v1 import run_service_pb2 as pb
-
-    _print(_call(args, "GetActive", pb.GetActiveRequest(tenant_id=args.tenant or "")).run)
-    return 0
-
-
-def cmd_runs_get(args: argparse.Namespace) -> int:
-    from runsvc_client.v1 import run_service_pb2 as pb
-
-    _print(_call(args, "GetRun", pb.GetRunRequest(run_id=args.run_id)).run)
-    return 0
-
-
-def cmd_runs_list(args: argparse.Namespace) -> int:
-    from runsvc_client.v1 import run_service_pb2 as pb
-
-    states = [pb.RunState.Value(f"RUN_STATE_{s.upper()}") for s in args.state]
-    _print(
-        _call(
-            args,
-            "ListRuns",
-            pb.ListRunsRequest(
-                page_size=args.page_size,
-                page_token=args.page_token,
-                states=states,
-                tenant_id=args.tenant or "",
-            ),
-        )
-    )
-    return 0
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    from runsvc_client.v1 import run_service_pb2 as pb
-
-    _print(_call(args, "Cancel", pb.CancelRequest(run_id=args.run_id, reason=args.reason)))
-    return 0
-
-
-def cmd_force_cancel(args: argparse.Namespace) -> int:
-    from runsvc_client.v1 import run_service_pb2 as pb
-
-    request = pb.ForceCancelRequest(run_id=args.run_id, reason=args.reason)
-    _print(_call(args, "ForceCancel", request))
-    return 0
-
-
 # --- the parser ---------------------------------------------------------------------
 
 RUN_STATE_NAMES = ("pending", "running", "completed", "cancelled", "stopped", "failed")
-
-
-def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--address",
-        default=os.environ.get("RUNSVC_GRPC_ADDRESS", Settings.grpc_address),
-        help="the server (default: RUNSVC_GRPC_ADDRESS or %(default)s)",
-    )
-    parser.add_argument("--token", help="bearer token (default: RUNSVC_TOKEN)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
 
 
 def _command(
@@ -382,33 +289,51 @@ def build_parser() -> argparse.ArgumentParser:
     audit_list.add_argument("--run", help="only this run's rows")
     audit_list.add_argument("--limit", type=int, default=1000, help="newest N (default 1000)")
 
-    runs = _command(sub, "runs", lambda _: EXIT_USAGE, "look at runs")
+    runs = _command(sub, "runs", lambda _: EXIT_USAGE, "create runs and look at them")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
-    active = _command(runs_sub, "active", cmd_runs_active, "the tenant's active run")
+    create = _command(runs_sub, "create", cli_runs.cmd_runs_create, "create a run of jobs")
+    jobs = create.add_mutually_exclusive_group(required=True)
+    jobs.add_argument("--jobs", type=int, help="N jobs with generated external ids")
+    jobs.add_argument("--csv", help="a file of external ids, one per line (a header is skipped)")
+    create.add_argument("--request-id", help="idempotency key (default: a new one)")
+    create.add_argument("--tenant", help="the tenant (needed with an admin token)")
+    active = _command(runs_sub, "active", cli_runs.cmd_runs_active, "the tenant's active run")
     active.add_argument("--tenant", help="admin tokens only")
-    get = _command(runs_sub, "get", cmd_runs_get, "one run")
-    get.add_argument("run_id")
-    listing = _command(runs_sub, "list", cmd_runs_list, "runs, newest first")
+    get = _command(runs_sub, "get", cli_runs.cmd_runs_get, "one run, by number or id")
+    get.add_argument("run_id", help="the run's number or id")
+    listing = _command(runs_sub, "list", cli_runs.cmd_runs_list, "runs, newest first")
     listing.add_argument("--state", action="append", default=[], choices=RUN_STATE_NAMES)
     listing.add_argument("--page-size", type=int, default=50)
     listing.add_argument("--page-token", default="")
     listing.add_argument("--tenant", help="admin tokens only")
-    for p in (active, get, listing):
-        _client_options(p)
+    for p in (create, active, get, listing):
+        cli_runs.client_options(p, Settings.grpc_address)
+    stale = _command(
+        runs_sub,
+        "stale",
+        cli_runs.cmd_runs_stale,
+        "running runs whose worker has been silent longest (read from the database)",
+    )
+    stale.add_argument("--limit", type=int, default=10, help="how many (default 10)")
+    stale.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    cancel = _command(sub, "cancel", cmd_cancel, "ask the run's worker to stop")
-    force = _command(sub, "force-cancel", cmd_force_cancel, "end the run now")
+    cancel = _command(sub, "cancel", cli_runs.cmd_cancel, "ask the run's worker to stop")
+    force = _command(sub, "force-cancel", cli_runs.cmd_force_cancel, "end the run now")
     for p in (cancel, force):
-        p.add_argument("run_id")
+        p.add_argument("run_id", help="the run's number or id")
         p.add_argument("--reason", default="")
-        _client_options(p)
+        cli_runs.client_options(p, Settings.grpc_address)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except cli_runs.CliError as error:
+        print(f"runsvc: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -132,3 +132,49 @@ def active_runs_by_tenant(conn: Connection, *, limit: int) -> dict[tuple[str, st
             shown.add(tenant)
         result[(tenant, state)] = result.get((tenant, state), 0) + count
     return result
+
+
+@dataclass(frozen=True)
+class Silence:
+    """A running run and how long its worker has been silent, for `runsvc runs stale`."""
+
+    run_id: str
+    number: int
+    tenant_id: str
+    worker_id: str | None
+    last_sign_of_life: datetime
+    age_seconds: float
+
+
+def longest_silences(conn: Connection, *, now: datetime, limit: int) -> list[Silence]:
+    """The running runs whose last sign of life is oldest, oldest first."""
+    rows = conn.execute(
+        select(
+            runs.c.id,
+            runs.c.number,
+            runs.c.tenant_id,
+            runs.c.worker_id,
+            last_sign_of_life.label("seen"),
+        )
+        .where(runs.c.state == RunState.RUNNING.value)
+        .order_by(last_sign_of_life, runs.c.id)
+        .limit(limit)
+    ).all()
+    found = []
+    for row in rows:
+        seen = row.seen
+        if isinstance(seen, str):  # SQLite returns coalesce() over timestamps as text
+            seen = datetime.fromisoformat(seen)
+        if seen.tzinfo is None:
+            seen = seen.replace(tzinfo=UTC)
+        found.append(
+            Silence(
+                run_id=row.id,
+                number=int(row.number),
+                tenant_id=row.tenant_id,
+                worker_id=row.worker_id,
+                last_sign_of_life=seen,
+                age_seconds=max(0.0, (now - seen).total_seconds()),
+            )
+        )
+    return found

@@ -95,9 +95,16 @@ class ServerProcess:
         )
 
     def cli_json(self, *args: str) -> Any:
-        done = self.cli(*args)
+        """The one record a command printed with ``--json``."""
+        [record] = self.cli_records(*args)
+        return record
+
+    def cli_records(self, *args: str) -> list[Any]:
+        """The JSON lines a command printed (the run commands are asked for ``--json``)."""
+        run_command = args[0] in {"runs", "cancel", "force-cancel"}
+        done = self.cli(*args, *(["--json"] if run_command else []))
         assert done.returncode == 0, f"runsvc {' '.join(args)} failed: {done.stderr}"
-        return json.loads(done.stdout)
+        return [json.loads(line) for line in done.stdout.splitlines()]
 
     def token(self, role: str, tenant: str | None = None, subject: str | None = None) -> str:
         args = ["token", "--role", role] + (["--tenant", tenant] if tenant else [])
@@ -189,7 +196,7 @@ def spawn_server(
     return server
 
 
-def start_server(data_dir: Path) -> ServerProcess:
+def start_server(data_dir: Path, **overrides: str) -> ServerProcess:
     data_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = data_dir.parent / f"{data_dir.name}-server.stderr"
     address = f"127.0.0.1:{free_port()}"
@@ -199,6 +206,7 @@ def start_server(data_dir: Path) -> ServerProcess:
         "RUNSVC_GRPC_ADDRESS": address,
         "RUNSVC_STALE_AFTER_SECONDS": "1.5",
         "RUNSVC_REAP_INTERVAL_SECONDS": "0.5",
+        **overrides,
     }
     return spawn_server(env, data_dir, address, stderr_path)
 
@@ -307,33 +315,40 @@ def test_backend_flow(cli_server: ServerProcess) -> None:
     active = cli_server.cli_json("runs", "active", "--token", token)
     assert active["id"] == run.id
     assert active["tenant_id"] == "t1"
-    assert active["state"] == "RUN_STATE_PENDING"
-    assert active["job_counts"]["total"] == 2
+    assert active["state"] == "PENDING"
+    assert active["jobs"] == {
+        "total": 2,
+        "queued": 2,
+        "in_progress": 0,
+        "completed": 0,
+        "failed": 0,
+    }
+    assert active["lease_epoch"] == 0 and active["number"] == run.number
 
-    listing = cli_server.cli_json("runs", "list", "--token", token)
-    assert run.id in [r["id"] for r in listing["runs"]]
-    assert {r["tenant_id"] for r in listing["runs"]} == {"t1"}
+    listing = cli_server.cli_records("runs", "list", "--token", token)
+    assert run.id in [r["id"] for r in listing]
+    assert {r["tenant_id"] for r in listing} == {"t1"}
 
-    pending = cli_server.cli_json("runs", "list", "--state", "pending", "--token", token)
-    assert [r["id"] for r in pending["runs"]] == [run.id]
+    pending = cli_server.cli_records("runs", "list", "--state", "pending", "--token", token)
+    assert [r["id"] for r in pending] == [run.id]
 
     cancelled = cli_server.cli_json("cancel", run.id, "--reason", "not needed", "--token", token)
-    assert cancelled["run"]["id"] == run.id
-    assert cancelled["run"]["state"] == "RUN_STATE_CANCELLED"
-    assert cancelled["run"]["stop_reason"] == "CANCELLED_BY_USER"
-    assert cancelled["run"]["cancel_reason"] == "not needed"
+    assert cancelled["id"] == run.id
+    assert cancelled["state"] == "CANCELLED"
+    assert cancelled["stop_reason"] == "CANCELLED_BY_USER"
+    assert cancelled["cancel_reason"] == "not needed"
 
     forced = cli_server.cli_json("force-cancel", run.id, "--token", token)
-    assert forced["run"]["id"] == run.id
-    assert forced["run"]["state"] == "RUN_STATE_CANCELLED"
+    assert forced["id"] == run.id
+    assert forced["state"] == "CANCELLED"
 
     # Without --token and without RUNSVC_TOKEN the CLI mints an admin token.
     assert "RUNSVC_TOKEN" not in cli_server.env
     fetched = cli_server.cli_json("runs", "get", run.id)
     assert fetched["id"] == run.id
-    assert fetched["state"] == "RUN_STATE_CANCELLED"
+    assert fetched["state"] == "CANCELLED"
     by_number = cli_server.cli_json("runs", "get", str(run.number), "--token", token)
-    assert by_number["id"] == run.id and int(by_number["number"]) == run.number
+    assert by_number["id"] == run.id and by_number["number"] == run.number
 
     after = cli_server.cli("runs", "active", "--token", token)
     assert after.returncode != 0
@@ -344,8 +359,8 @@ def test_force_cancel_of_a_pending_run(cli_server: ServerProcess) -> None:
     token = cli_server.token("backend", "t2")
     run = create_run(cli_server, token, "cli-force-1", jobs=3)
     forced = cli_server.cli_json("force-cancel", run.id, "--reason", "operator", "--token", token)
-    assert forced["run"]["state"] == "RUN_STATE_CANCELLED"
-    assert forced["run"]["stop_reason"] == "FORCE_CANCELLED"
+    assert forced["state"] == "CANCELLED"
+    assert forced["stop_reason"] == "FORCE_CANCELLED"
     assert forced["cancelled_jobs"] == 3
 
 
@@ -446,3 +461,77 @@ def test_audit_list_shows_refusals_for_a_run_and_a_tenant(cli_server: ServerProc
         run.id,
         number,
     ]
+
+
+def test_the_cli_mints_a_token_only_for_a_server_on_this_host(
+    cli_server: ServerProcess, tmp_path: Path
+) -> None:
+    """An admin token for every tenant never leaves the host: no token, no call elsewhere."""
+    for address in ("10.255.255.1:50051", "runsvc.example.com:50051", "[2001:db8::1]:50051"):
+        done = cli_server.cli("runs", "active", "--tenant", "t1", "--address", address)
+        assert done.returncode == 2, done.stderr
+        assert "RUNSVC_TOKEN" in done.stderr and "loopback" in done.stderr, done.stderr
+        assert "UNAVAILABLE" not in done.stderr and "DEADLINE" not in done.stderr
+    # On this host it does, through every spelling of the loopback.
+    port = cli_server.address.rpartition(":")[2]
+    for address in (cli_server.address, f"localhost:{port}", f"127.0.0.1:{port}"):
+        done = cli_server.cli("runs", "active", "--tenant", "nobody", "--address", address)
+        assert done.returncode == 1 and "NOT_FOUND" in done.stderr, (address, done.stderr)
+
+
+def test_no_command_but_serve_creates_a_secret(tmp_path: Path) -> None:
+    """Run from a folder with no secret, a command says so and leaves nothing behind."""
+    env = {**clean_environ(), "RUNSVC_GRPC_ADDRESS": f"127.0.0.1:{free_port()}"}
+    for args in (["runs", "active", "--tenant", "t1"], ["token", "--role", "admin"]):
+        done = subprocess.run(
+            [*runsvc_command(), *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert ("no signing secret" in done.stderr and "RUNSVC_TOKEN" in done.stderr) or (
+            "RUNSVC_JWT_SECRET" in done.stderr
+        ), done.stderr
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_runs_create_from_a_csv_file_and_the_stale_view(tmp_path: Path) -> None:
+    # Silent runs are listed, not reaped, whatever the machine's speed: a long threshold.
+    server = start_server(
+        tmp_path / "data",
+        RUNSVC_STALE_AFTER_SECONDS="600",
+        RUNSVC_STARTUP_CLEANUP_AFTER_SECONDS="600",
+    )
+    try:
+        calls = tmp_path / "calls.csv"
+        calls.write_text("external_id\n+972500000001\n+972500000002\n\n+972500000003\n")
+        runs = []
+        for tenant in ("t6", "t7"):
+            token = server.token("backend", tenant)
+            created = server.cli_json("runs", "create", "--csv", str(calls), "--token", token)
+            assert created["jobs"]["total"] == 3 and created["state"] == "PENDING"
+            worker = server.token("worker", tenant, subject=f"dialer-{tenant}")
+            with server.channel() as channel:
+                claim = pb_grpc.RunServiceStub(channel).ClaimRun(
+                    pb.ClaimRunRequest(worker_id=f"dialer-{tenant}"),
+                    metadata=bearer(worker),
+                    timeout=10,
+                )
+            assert claim.run.id == created["id"]
+            runs.append(created)
+        silent = server.cli_records("runs", "stale", "--limit", "5")
+        # The longest silence first: the run claimed first.
+        assert [s["id"] for s in silent] == [r["id"] for r in runs], silent
+        assert [s["worker_id"] for s in silent] == ["dialer-t6", "dialer-t7"]
+        assert [s["number"] for s in silent] == [r["number"] for r in runs]
+        assert silent[0]["age_seconds"] >= silent[1]["age_seconds"] >= 0
+        assert [s["stale"] for s in silent] == [False, False]
+        assert len(server.cli_records("runs", "stale", "--limit", "1")) == 1
+        readable = server.cli("runs", "stale")
+        assert readable.returncode == 0 and "dialer-t6" in readable.stdout
+    finally:
+        kill(server.process)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from runsvc.server import Server
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 from tests.e2e.security_server import es256, serving, settings_for, snapshot
+from tests.e2e.test_cli import clean_environ, runsvc_command
 from tests.keys import Pki, make_pki, private_pem
 
 
@@ -167,3 +169,35 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(
                 is grpc.StatusCode.UNAVAILABLE
             )
     assert snapshot(f"sqlite:///{tmp_path / 'tls.db'}") == before
+
+
+def test_the_cli_speaks_tls_when_given_the_ca(tls_server: Server, pki: Pki, tmp_path: Path) -> None:
+    (tmp_path / "cli").mkdir()
+    files = _files(pki, tmp_path / "cli")
+    token = es256("backend", "t1")[0][1].removeprefix("Bearer ")
+    command = [
+        *runsvc_command(),
+        "runs",
+        "active",
+        "--address",
+        f"127.0.0.1:{tls_server.port}",
+        "--token",
+        token,
+        "--timeout",
+        "5",
+    ]
+    env = {**clean_environ(), "RUNSVC_DATA_DIR": str(tmp_path / "cli")}
+    over_tls = subprocess.run(
+        [*command, "--ca-file", str(files["ca"])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # The server answered: the tenant has no active run.
+    assert over_tls.returncode == 1 and "NOT_FOUND" in over_tls.stderr, over_tls.stderr
+    plain = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr, plain.stderr
