@@ -141,6 +141,13 @@ def cmd_token(args: argparse.Namespace) -> int:
     if "HS256" not in settings.jwt_algorithms:
         print("runsvc token: HS256 is not among RUNSVC_JWT_ALGORITHMS", file=sys.stderr)
         return EXIT_USAGE
+    if args.ttl > settings.jwt_max_lifetime_seconds:
+        print(
+            f"runsvc token: --ttl {args.ttl} is longer than RUNSVC_JWT_MAX_LIFETIME_SECONDS "
+            f"({settings.jwt_max_lifetime_seconds:g}); the server would refuse the token",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         secret = server.jwt_secret(settings)
     except tokens.SecretFileError as error:

@@ -42,12 +42,19 @@ class RunsvcError(Exception):
         return str(self.args[0])
 
 
+# An error reply lists this many violations at most, and the total: a request
+# with 100,000 bad items must not be answered with megabytes, nor with trailers
+# larger than a client accepts (it would see RESOURCE_EXHAUSTED, not the error).
+MAX_VIOLATIONS = 10
+
+
 class InvalidArgument(RunsvcError):
     """The request is not valid."""
 
     def __init__(self, violations: Sequence[FieldViolation], message: str | None = None) -> None:
         super().__init__(message)
-        self.violations = tuple(violations)
+        self.total = len(violations)
+        self.violations = tuple(violations[:MAX_VIOLATIONS])
 
 
 class Unauthenticated(RunsvcError):

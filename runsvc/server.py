@@ -28,6 +28,7 @@ from runsvc.ratelimit import RateLimiter
 from runsvc.reaper import Reaper
 from runsvc.redisslots import sync as slot_sync
 from runsvc.service import GroupCommit, RunService
+from runsvc.service.paging import derive_key
 from runsvc.service.security import SecurityAudit
 from runsvc.settings import Settings
 from runsvc.slots import Slots, StoreSlots
@@ -71,6 +72,7 @@ def token_verifier(settings: Settings, secret: str | None) -> tokens.Verifier:
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         leeway=settings.jwt_leeway_seconds,
+        max_lifetime=settings.jwt_max_lifetime_seconds,
     )
 
 
@@ -113,7 +115,11 @@ def redis_slot_config(settings: Settings) -> slot_sync.RedisSlotConfig | None:
     )
 
 
-def build(settings: Settings, *, clock: Clock | None = None) -> Components:
+def build(
+    settings: Settings, *, clock: Clock | None = None, secret: str | None = None
+) -> Components:
+    """Everything but the gRPC edge. ``secret``: the signing secret, which the page-token
+    key of every replica sharing it derives from (without it, a key of this process's own)."""
     db = Database(make_engine(settings.effective_database_url, pool_size=settings.grpc_max_workers))
     clock = clock or DatabaseClock()
     config = redis_slot_config(settings)
@@ -136,6 +142,7 @@ def build(settings: Settings, *, clock: Clock | None = None) -> Components:
         policy=settings.liveness(),
         observer=metrics.observer,
         group_commit=group_commit(settings),
+        page_key=derive_key(secret) if secret else None,
     )
     return Components(
         settings, db, service, Reaper(service.context), metrics=metrics, slot_sync=sync
@@ -343,7 +350,7 @@ def serve(settings: Settings, *, replica: Replica | None = None) -> int:
             extra={"path": str(settings.jwt_secret_file.resolve())},
         )
     server = Server(
-        build(settings),
+        build(settings, secret=secret),
         secret=secret,
         share_port=replica is not None,
         startup_cleanup=replica is None or replica.startup_cleanup,

@@ -47,6 +47,7 @@ class Settings:
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_seconds: float = 5.0
+    jwt_max_lifetime_seconds: float = 86400.0
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
@@ -282,6 +283,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_JWT_ISSUER": ("jwt_issuer", str),
     "RUNSVC_JWT_AUDIENCE": ("jwt_audience", str),
     "RUNSVC_JWT_LEEWAY_SECONDS": ("jwt_leeway_seconds", _leeway),
+    "RUNSVC_JWT_MAX_LIFETIME_SECONDS": ("jwt_max_lifetime_seconds", _positive_float),
     "RUNSVC_TLS_CERT_FILE": ("tls_cert_file", _existing_file),
     "RUNSVC_TLS_KEY_FILE": ("tls_key_file", _existing_file),
     "RUNSVC_TLS_CLIENT_CA_FILE": ("tls_client_ca_file", _existing_file),

@@ -1,10 +1,12 @@
 """Bearer tokens: JWTs carrying a role and, for most callers, a tenant.
 
-Claims: ``sub`` (who), ``role`` (worker, backend or admin), ``tenant``
-(required for backends; absent only for admins and fleet-wide workers),
-``iat`` (informational, never checked), ``exp`` (always required), ``nbf``
-(checked when present), and
-``iss``/``aud`` (required and checked when the server is configured with them).
+Claims: ``sub`` (who; required for workers, without "/"), ``role`` (worker,
+backend or admin), ``tenant`` (required for backends, refused for admins,
+absent for fleet-wide workers), ``iat`` (never judged against this clock; it
+only bounds the lifetime), ``exp`` (always required, at most the maximum
+lifetime after ``iat``), ``nbf`` (checked when present), and ``iss``/``aud``
+(required and checked when the server is configured with them). See
+:func:`_principal` for the exact rules.
 
 Algorithms come from an allowlist. HS256 verifies with the shared secret only;
 RS256 and ES256 verify with public keys only (a PEM file of one or more keys,
@@ -42,6 +44,8 @@ MIN_SECRET_BYTES = 32
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_TENANT_LENGTH = 128
 MAX_SUBJECT_LENGTH = 256
+# The longest a token may live from its issue: a stolen token is good for a day at most.
+MAX_LIFETIME_SECONDS = 24 * 3600.0
 REFUSED = "invalid or expired token"
 # How often a key file is checked for a newer version (key rotation without restart).
 KEY_RELOAD_SECONDS = 1.0
@@ -72,6 +76,10 @@ def issue(
         raise ValueError(f"role must be one of {', '.join(sorted(ROLES))}")
     if role == "backend" and not tenant_id:
         raise ValueError("a backend token needs a tenant")
+    if role == "admin" and tenant_id:
+        raise ValueError("an admin token carries no tenant (its requests name one)")
+    if role == "worker" and subject is not None and "/" in subject:
+        raise ValueError("a worker's subject has no '/' (its processes are SUBJECT/1, SUBJECT/2)")
     now = int(time.time())
     claims: dict[str, object] = {
         "sub": subject or f"{role}:{tenant_id or '*'}",
@@ -163,6 +171,7 @@ class Verifier:
         issuer: str | None = None,
         audience: str | None = None,
         leeway: float = LEEWAY_SECONDS,
+        max_lifetime: float = MAX_LIFETIME_SECONDS,
     ) -> None:
         unknown = set(algorithms) - set(SUPPORTED_ALGORITHMS)
         if unknown or not algorithms:
@@ -177,6 +186,7 @@ class Verifier:
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
+        self._max_lifetime = max_lifetime
         self._verified: dict[str, tuple[Principal, float]] = {}
 
     def _candidate_keys(self, algorithm: str, kid: object) -> list[Any]:
@@ -240,21 +250,42 @@ class Verifier:
                 continue  # another key of the set may have signed it
             except jwt.PyJWTError as error:
                 raise Unauthenticated(REFUSED) from error
-            return _principal(claims), float(claims["exp"])
+            principal = _principal(claims, now=time.time(), max_lifetime=self._max_lifetime)
+            return principal, float(claims["exp"])
         raise Unauthenticated(REFUSED)
 
 
-def _principal(claims: dict[str, Any]) -> Principal:
-    role, tenant, subject = claims.get("role"), claims.get("tenant"), claims.get("sub", "")
-    if role not in ROLES or not isinstance(subject, str) or len(subject) > MAX_SUBJECT_LENGTH:
+def _clean_name(value: object, *, max_length: int) -> bool:
+    """A non-empty string of printable characters (no NUL, no control character)."""
+    return isinstance(value, str) and 0 < len(value) <= max_length and value.isprintable()
+
+
+def _principal(claims: dict[str, Any], *, now: float, max_lifetime: float) -> Principal:
+    """The caller the claims name, or a refusal: every claim strict, nothing guessed.
+
+    ``role`` is one known string; a ``tenant``, when present, is a clean
+    non-empty string, required for a backend and refused for an admin (an admin
+    acts for the tenant its request names, never for one its token pins); a
+    worker needs a ``sub`` without "/" (its processes are ``sub/1``, ``sub/2``,
+    so a worker named with a slash would pass for another's process); and the
+    token may live at most ``max_lifetime`` seconds from its issue (or from now).
+    """
+    role, tenant, subject = claims.get("role"), claims.get("tenant"), claims.get("sub")
+    if not isinstance(role, str) or role not in ROLES:
         raise Unauthenticated(REFUSED)
-    if tenant is not None and not (
-        isinstance(tenant, str) and len(tenant) <= MAX_TENANT_LENGTH and tenant.isprintable()
-    ):
+    if subject is not None and not _clean_name(subject, max_length=MAX_SUBJECT_LENGTH):
         raise Unauthenticated(REFUSED)
-    if role == "backend" and not tenant:
+    if role == "worker" and (subject is None or "/" in subject):
         raise Unauthenticated(REFUSED)
-    return Principal(subject=subject or role, role=role, tenant_id=tenant or None)
+    if tenant is not None and not _clean_name(tenant, max_length=MAX_TENANT_LENGTH):
+        raise Unauthenticated(REFUSED)
+    if (role == "backend" and tenant is None) or (role == "admin" and tenant is not None):
+        raise Unauthenticated(REFUSED)
+    issued = claims.get("iat")
+    start = issued if isinstance(issued, int | float) and not isinstance(issued, bool) else now
+    if float(claims["exp"]) - min(float(start), now) > max_lifetime:
+        raise Unauthenticated(REFUSED)
+    return Principal(subject=subject or role, role=role, tenant_id=tenant)
 
 
 def verify(secret: str, token: str) -> Principal:

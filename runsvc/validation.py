@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,8 +50,15 @@ class Checker:
         self.fail(field, "must be an id issued by runsvc (a lowercase UUID)")
 
     def text(self, field: str, value: str, *, max_length: int) -> None:
+        """Free text (a reason, an error): any length up to the limit, no control character.
+
+        NUL cannot be stored by PostgreSQL, and the other control characters
+        (newlines included) would let a caller forge lines in a log or a terminal.
+        """
         if len(value) > max_length:
             self.fail(field, f"must be at most {max_length} characters")
+        elif any(unicodedata.category(c) == "Cc" for c in value):
+            self.fail(field, "must not contain control characters (NUL, newlines, escapes)")
 
     def count(self, field: str, value: int, *, low: int, high: int) -> None:
         if not low <= value <= high:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence, Sized
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runsvc.domain import Job, JobOutcome, JobResult, JobSpec, JobState, Run, RunOutcome, RunState
 from runsvc.errors import FieldViolation, InvalidArgument
+from runsvc.validation import Limits
 from runsvc_client.v1 import run_service_pb2 as pb
 
 RUN_STATES: dict[RunState, int] = {
@@ -88,11 +89,23 @@ def job_to_proto(job: Job) -> pb.Job:
     )
 
 
-def job_specs(messages: Iterable[pb.JobSpec]) -> list[JobSpec]:
+# Repeated fields are counted before any item is converted: their length is known
+# from the parsed message, so an oversized list costs one comparison, not a pass.
+LIMITS = Limits()
+
+
+def _at_most(field: str, messages: Sized, limit: int) -> None:
+    if len(messages) > limit:
+        raise InvalidArgument([FieldViolation(field, f"at most {limit} items")])
+
+
+def job_specs(messages: Sequence[pb.JobSpec]) -> list[JobSpec]:
+    _at_most("jobs", messages, LIMITS.max_jobs_per_run)
     return [JobSpec(external_id=m.external_id, payload=m.payload) for m in messages]
 
 
-def job_results(messages: Iterable[pb.JobResult]) -> list[JobResult]:
+def job_results(messages: Sequence[pb.JobResult]) -> list[JobResult]:
+    _at_most("results", messages, LIMITS.max_results_per_report)
     results, violations = [], []
     for i, m in enumerate(messages):
         outcome = JOB_OUTCOMES.get(m.outcome)
@@ -114,13 +127,15 @@ def run_outcome(value: int) -> RunOutcome:
     return outcome
 
 
-def run_states(values: Iterable[int]) -> list[RunState]:
+def run_states(values: Sequence[int]) -> list[RunState]:
+    """The states asked for, each once (asking twice for one state changes nothing)."""
+    _at_most("states", values, len(RUN_STATES))
     states, violations = [], []
     for i, value in enumerate(values):
         state = RUN_STATES_FROM_PROTO.get(value)
         if state is None:
             violations.append(FieldViolation(f"states[{i}]", "must be a known run state"))
-        else:
+        elif state not in states:
             states.append(state)
     if violations:
         raise InvalidArgument(violations)

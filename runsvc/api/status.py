@@ -66,6 +66,8 @@ def to_status(error: errors.RunsvcError) -> grpc.Status:
         reason = _lookup(REASONS, error)
     if isinstance(error, errors.ActiveRunExists) and error.run_id:
         metadata = {"run_id": error.run_id}
+    if isinstance(error, errors.InvalidArgument):
+        metadata = {"violations": str(error.total)}
     details = [
         _pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
     ]
@@ -93,6 +95,8 @@ def to_status(error: errors.RunsvcError) -> grpc.Status:
     message = error.message
     if isinstance(error, errors.InvalidArgument) and error.violations:
         message += " " + "; ".join(f"{v.field}: {v.description}" for v in error.violations)
+        if error.total > len(error.violations):
+            message += f" (and {error.total - len(error.violations)} more; {error.total} in all)"
     return rpc_status.to_status(
         status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     )

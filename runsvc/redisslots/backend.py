@@ -203,7 +203,8 @@ class RedisSlots:
                 members=[held.member for held in wanted],
             )
         except redis.RedisError as error:
-            raise Unavailable(f"the slot store is unavailable: {error}") from error
+            log.warning("the slot store is unavailable", extra={"error": str(error)})
+            raise Unavailable("the slot store is unavailable") from error
         if free < 0:
             # Redis lost its slots (restart, flush): grant nothing until they are rebuilt.
             self._not_ready()

@@ -8,6 +8,7 @@ from runsvc.service.backend import BackendUseCases
 from runsvc.service.context import Caller, Context
 from runsvc.service.heartbeats import GroupCommit, Heartbeats
 from runsvc.service.observer import Observer
+from runsvc.service.paging import PageTokens
 from runsvc.service.worker import WorkerUseCases
 from runsvc.slots import Slots
 from runsvc.store.engine import Database
@@ -27,12 +28,13 @@ class RunService:
         limits: Limits | None = None,
         observer: Observer | None = None,
         group_commit: GroupCommit | None = None,
+        page_key: bytes | None = None,
     ) -> None:
         self.context = Context(db=db, clock=clock, slots=slots, policy=policy, observer=observer)
         limits = limits or Limits()
         self.heartbeats = Heartbeats(self.context, group_commit=group_commit)
         self.worker = WorkerUseCases(self.context, limits, self.heartbeats)
-        self.backend = BackendUseCases(self.context, limits)
+        self.backend = BackendUseCases(self.context, limits, PageTokens(page_key))
 
     def close(self) -> None:
         """Write what is still queued (heartbeats); call after the last request was served."""

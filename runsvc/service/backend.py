@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,13 +20,12 @@ from runsvc.domain import (
 )
 from runsvc.errors import (
     ActiveRunExists,
-    FieldViolation,
-    InvalidArgument,
     InvalidTransition,
     NoActiveRun,
     RunNotVisible,
 )
 from runsvc.service.context import Caller, Context, Notes
+from runsvc.service.paging import PageTokens
 from runsvc.slots import SlotRelease
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
@@ -59,21 +56,6 @@ class Page:
     next_page_token: str
 
 
-def _encode_cursor(run: Run) -> str:
-    raw = f"{run.create_time.isoformat()}|{run.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def _decode_cursor(token: str) -> run_store.PageCursor:
-    try:
-        created, run_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        return run_store.PageCursor(datetime.fromisoformat(created), str(uuid.UUID(run_id)))
-    except (ValueError, binascii.Error, UnicodeDecodeError) as error:
-        raise InvalidArgument(
-            [FieldViolation("page_token", "is not a token returned by ListRuns")]
-        ) from error
-
-
 def _check_run_ref(check: Checker, ref: str) -> None:
     number = run_number(ref)
     if number is None:
@@ -83,9 +65,10 @@ def _check_run_ref(check: Checker, ref: str) -> None:
 
 
 class BackendUseCases:
-    def __init__(self, ctx: Context, limits: Limits) -> None:
+    def __init__(self, ctx: Context, limits: Limits, pages: PageTokens) -> None:
         self._ctx = ctx
         self._limits = limits
+        self._pages = pages
 
     def create_run(
         self, *, tenant_id: str, request_id: str, jobs: Sequence[JobSpec], caller: Caller
@@ -196,7 +179,7 @@ class BackendUseCases:
         check = Checker()
         check.count("page_size", page_size, low=0, high=self._limits.max_page_size)
         check.done()
-        after = _decode_cursor(page_token) if page_token else None
+        after = self._pages.decode(page_token) if page_token else None
         size = page_size or self._limits.default_page_size
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Page:
@@ -205,7 +188,7 @@ class BackendUseCases:
             )
             more = len(found) > size
             shown = found[:size]
-            return Page(shown, _encode_cursor(shown[-1]) if more else "")
+            return Page(shown, self._pages.encode(shown[-1]) if more else "")
 
         return self._ctx.transact(work, caller=caller)
 

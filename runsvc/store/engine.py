@@ -182,7 +182,10 @@ class Database:
                 if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
                     if getattr(error.orig, "pgcode", None) not in _NOT_AN_OUTAGE_PG_CODES:
                         self.trust.failed()
-                    raise Unavailable(f"the store is unavailable: {error.orig}") from error
+                    # The driver's words (hosts, roles, databases) stay in this log:
+                    # callers, browsers included, learn only that the store is down.
+                    log.warning("the store is unavailable", extra={"error": str(error.orig)})
+                    raise Unavailable("the store is unavailable") from error
                 raise
             except sa_exc.TimeoutError as error:
                 # No connection to be had: heartbeats cannot be recorded either.

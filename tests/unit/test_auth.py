@@ -121,12 +121,64 @@ def test_tenant_bound_worker_cannot_name_another_tenant() -> None:
 
 @pytest.mark.parametrize(
     ("role", "tenant"),
-    [("backend", "t1"), ("admin", None), ("admin", "t1"), ("worker", None), ("worker", "t1")],
+    [("backend", "t1"), ("admin", None), ("worker", None), ("worker", "t1")],
 )
 def test_issue_then_verify(role: str, tenant: str | None) -> None:
     token = tokens.issue(SECRET, role=role, tenant_id=tenant, ttl_seconds=60)
     principal = tokens.verify(SECRET, token)
     assert principal == Principal(subject=f"{role}:{tenant or '*'}", role=role, tenant_id=tenant)
+
+
+def _signed(**claims: object) -> str:
+    now = int(time.time())
+    return jwt.encode({"iat": now, "exp": now + 60, **claims}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "ops", "role": "admin", "tenant": "t2"},  # an admin pinned to a tenant
+        {"sub": "w", "role": "worker", "tenant": ""},  # an empty tenant is not "every tenant"
+        {"sub": "b", "role": "backend", "tenant": ""},
+        {"role": "worker", "tenant": "t1"},  # a worker without an identity
+        {"sub": "", "role": "worker", "tenant": "t1"},
+        {"sub": "host/2", "role": "worker", "tenant": "t1"},  # would pass for host's process
+        {"sub": "w\x00x", "role": "worker", "tenant": "t1"},  # NUL in the subject
+        {"sub": "w\nx", "role": "worker"},
+        {"sub": "b", "role": "backend", "tenant": "t\x001"},
+        {"sub": "ops", "role": ["admin"]},  # a role that is not a string
+        {"sub": "ops", "role": {"admin": True}},
+        {"sub": "ops", "role": "root"},
+        {"sub": 7, "role": "admin"},
+        {"sub": "b", "role": "backend", "tenant": ["t1"]},
+    ],
+)
+def test_loose_claims_are_refused(claims: dict[str, object]) -> None:
+    with pytest.raises(Unauthenticated):
+        tokens.verify(SECRET, _signed(**claims))
+
+
+def test_a_token_may_live_a_day_at_most() -> None:
+    now = int(time.time())
+    day = int(tokens.MAX_LIFETIME_SECONDS)
+    ok = {"sub": "b", "role": "backend", "tenant": "t1"}
+    assert tokens.verify(SECRET, jwt.encode({**ok, "iat": now, "exp": now + day}, SECRET)).role
+    for lifetime in ({"iat": now, "exp": now + day + 60}, {"exp": now + day + 60}):
+        with pytest.raises(Unauthenticated):
+            tokens.verify(SECRET, jwt.encode({**ok, **lifetime}, SECRET))
+    # Issued long ago, still within its day: the lifetime counts from iat, not from now.
+    with pytest.raises(Unauthenticated):
+        tokens.verify(SECRET, jwt.encode({**ok, "iat": now - 2 * day, "exp": now + 3600}, SECRET))
+    shorter = tokens.Verifier(secret=SECRET, max_lifetime=600)
+    with pytest.raises(Unauthenticated):
+        shorter.verify(jwt.encode({**ok, "iat": now, "exp": now + 3600}, SECRET))
+
+
+def test_issue_refuses_what_verify_would_refuse() -> None:
+    with pytest.raises(ValueError, match="admin"):
+        tokens.issue(SECRET, role="admin", tenant_id="t1", ttl_seconds=60)
+    with pytest.raises(ValueError, match="/"):
+        tokens.issue(SECRET, role="worker", tenant_id="t1", ttl_seconds=60, subject="h/2")
 
 
 def test_issue_keeps_the_subject() -> None:
