@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 VENV_PY := $(VENV)/bin/python
 INSTALL_STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 NODE_STAMP := node_modules/.installed
 BUF := node_modules/.bin/buf
 PY_SOURCES = $(wildcard runsvc tests migrations tools clients)
@@ -19,6 +20,12 @@ help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install: $(INSTALL_STAMP) ## Create .venv and install runsvc, runsvc-client and the test tools
+
+# Serving needs the two packages only; `make test` adds the test tools to the same .venv.
+$(RUN_STAMP): pyproject.toml clients/pyproject.toml
+	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	@$(VENV_PY) -m pip install --quiet --disable-pip-version-check -e ./clients -e .
+	@touch $@
 
 $(INSTALL_STAMP): pyproject.toml clients/pyproject.toml
 	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
@@ -66,9 +73,8 @@ test: $(INSTALL_STAMP) $(NODE_STAMP) ## Services, proto-check, lint, then pytest
 	$(MAKE) --no-print-directory lint
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
-run: $(INSTALL_STAMP) ## Apply the migrations, then serve
-	$(VENV)/bin/runsvc migrate
-	$(VENV)/bin/runsvc serve
+run: $(RUN_STAMP) ## Install what serving needs, then serve on the embedded SQLite default
+	@$(VENV)/bin/runsvc serve
 
 migrate: $(INSTALL_STAMP) ## Apply the database migrations
 	$(VENV)/bin/runsvc migrate

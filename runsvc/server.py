@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -343,11 +344,12 @@ def serve(settings: Settings, *, replica: Replica | None = None) -> int:
     if url.startswith("sqlite"):
         # The embedded default needs no separate step: bring its schema up to date.
         migrate.upgrade(url)
+    new_secret = not settings.jwt_secret and not settings.jwt_secret_file.exists()
     secret = jwt_secret(settings, create=True) if "HS256" in settings.jwt_algorithms else None
     if secret and not settings.jwt_secret:
         log.info(
             "using the signing secret kept in the data folder",
-            extra={"path": str(settings.jwt_secret_file.resolve())},
+            extra={"path": str(settings.jwt_secret_file), "new": new_secret},
         )
     server = Server(
         build(settings, secret=secret),
@@ -359,9 +361,29 @@ def serve(settings: Settings, *, replica: Replica | None = None) -> int:
     server.start()
     if replica is not None:
         replica.report_ready()
+    elif url.startswith("sqlite") and secret and not settings.jwt_secret:
+        print(welcome(settings, server.port, new_secret=new_secret), file=sys.stderr, flush=True)
     stopping.wait()
     server.stop()
     return 0
+
+
+def welcome(settings: Settings, port: int, *, new_secret: bool) -> str:
+    """What someone who just typed `make run` needs: where things are, what to type next."""
+    command = sys.argv[0] if sys.argv[0].endswith("runsvc") else "runsvc"
+    host = settings.grpc_address.rpartition(":")[0]
+    return "\n".join(
+        [
+            f"runsvc is serving on {host}:{port} (Ctrl-C stops it)",
+            f"  data:           {settings.data_dir} (the embedded SQLite database)",
+            f"  signing secret: {settings.jwt_secret_file}"
+            + (" (new: made just now, mode 0600)" if new_secret else " (kept from before)"),
+            "next, in another shell:",
+            f"  export RUNSVC_TOKEN=$({command} token --role backend --tenant acme)",
+            f"  {command} runs create --jobs 100",
+            f"  {command} runs active",
+        ]
+    )
 
 
 @dataclass(frozen=True)

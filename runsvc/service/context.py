@@ -166,23 +166,34 @@ class Context:
         return release
 
     def _record_refusal(self, refused: RunNotVisible, caller: Caller) -> None:
+        """The refused look-up, told apart for operators only: another tenant's run is a
+        SECURITY event, a run that exists nowhere (a typo, a stale link) is not. The caller
+        got the same answer either way."""
         detail = {"caller": caller.subject, "role": caller.role, "scope": refused.tenant_id}
 
-        def work(conn: Connection) -> None:
+        def work(conn: Connection) -> tuple[str, str]:
+            foreign = run_store.exists(conn, refused.run_id, tenant_id=None)
+            tag, action = (
+                ("SECURITY", "RUN_NOT_VISIBLE") if foreign else ("LOOKUP", "RUN_NOT_FOUND")
+            )
             audit.record(
                 conn,
-                tag="SECURITY",
-                action="RUN_NOT_VISIBLE",
+                tag=tag,
+                action=action,
                 tenant_id=refused.tenant_id,
                 run_id=refused.run_id,
                 actor=caller.subject,
                 now=self.clock.now(conn),
                 detail=detail,
             )
+            return tag, action
 
-        self.db.run(work)
-        line = {"tag": "SECURITY", "action": "RUN_NOT_VISIBLE", "run_id": refused.run_id, **detail}
-        audit_log.warning("run not visible to caller", extra={"audit": line})
+        tag, action = self.db.run(work)
+        line = {"tag": tag, "action": action, "run_id": refused.run_id, **detail}
+        if tag == "SECURITY":
+            audit_log.warning("run not visible to caller", extra={"audit": line})
+        else:
+            audit_log.info("no such run", extra={"audit": line})
         self.observer.audited(line)
 
     def end_run(

@@ -7,6 +7,7 @@ heartbeat, since it proves the worker alive.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,8 @@ from runsvc.store import runs as run_store
 from runsvc.validation import Checker, Limits, check_results
 
 _CLAIM_ATTEMPTS = 5
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,20 @@ class WorkerUseCases:
                     return Claim(run, claimed.lease_epoch, resumed=False)
             return None
 
-        return self._ctx.transact(work, caller=caller)
+        claim = self._ctx.transact(work, caller=caller)
+        if claim is not None:
+            # After the commit: who holds which run now is what an operator asks first.
+            log.info(
+                "run resumed" if claim.resumed else "run claimed",
+                extra={
+                    "run_id": claim.run.id,
+                    "run_number": claim.run.number,
+                    "tenant_id": claim.run.tenant_id,
+                    "worker_id": worker_id,
+                    "lease_epoch": claim.lease_epoch,
+                },
+            )
+        return claim
 
     def _check_lease(self, run_id: str, lease_epoch: int) -> Checker:
         check = Checker()

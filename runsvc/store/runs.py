@@ -42,6 +42,7 @@ from runsvc.domain import (
     JobState,
     Run,
     RunState,
+    run_number,
     sources,
     target,
 )
@@ -197,6 +198,13 @@ def id_by_number(conn: Connection, number: int, *, tenant_id: str | None) -> str
         select(runs.c.id).where(runs.c.number == number, _scoped(tenant_id))
     ).scalar_one_or_none()
     return found
+
+
+def exists(conn: Connection, ref: str, *, tenant_id: str | None) -> bool:
+    """Whether a run by this id (or number, all digits) exists within the scope."""
+    number = run_number(ref)
+    named = runs.c.number == number if number is not None else runs.c.id == ref
+    return conn.execute(select(runs.c.id).where(named, _scoped(tenant_id))).first() is not None
 
 
 def get_by_request(conn: Connection, request_id: str, *, tenant_id: str) -> Run | None:

@@ -291,6 +291,12 @@ def test_server_created_its_secret(cli_server: ServerProcess) -> None:
     assert secret.is_file()
     assert secret.stat().st_mode & 0o777 == 0o600
     assert (cli_server.data_dir / "runsvc.db").is_file()
+    # Its first plain lines say where things are and what to type next.
+    plain = [line for line in cli_server.stderr().splitlines() if not line.startswith("{")]
+    assert plain[0].startswith("runsvc is serving on 127.0.0.1:"), plain
+    assert f"data:           {cli_server.data_dir}" in plain[1]
+    assert f"signing secret: {secret} (new" in plain[2]
+    assert any(line.strip().endswith("runs create --jobs 100") for line in plain[3:])
 
 
 def test_token_is_refused_for_a_backend_without_tenant(cli_server: ServerProcess) -> None:
@@ -533,5 +539,22 @@ def test_runs_create_from_a_csv_file_and_the_stale_view(tmp_path: Path) -> None:
         assert len(server.cli_records("runs", "stale", "--limit", "1")) == 1
         readable = server.cli("runs", "stale")
         assert readable.returncode == 0 and "dialer-t6" in readable.stdout
+        # The server says who took which run, and who took its own run again after a crash.
+        worker = server.token("worker", "t6", subject="dialer-t6")
+        with server.channel() as channel:
+            again = pb_grpc.RunServiceStub(channel).ClaimRun(
+                pb.ClaimRunRequest(worker_id="dialer-t6"), metadata=bearer(worker), timeout=10
+            )
+        assert again.resumed and again.run.id == runs[0]["id"]
+        said = [
+            (line["message"], line.get("worker_id"), line.get("run_number"))
+            for line in json_lines(server.stderr())
+            if line.get("message") in {"run claimed", "run resumed"}
+        ]
+        assert said == [
+            ("run claimed", "dialer-t6", runs[0]["number"]),
+            ("run claimed", "dialer-t7", runs[1]["number"]),
+            ("run resumed", "dialer-t6", runs[0]["number"]),
+        ]
     finally:
         kill(server.process)

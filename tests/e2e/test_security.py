@@ -264,13 +264,18 @@ def test_a_foreign_run_and_a_missing_run_get_identical_answers(
         assert answers[0] == answers[1] == answers[2], rpc
         assert answers[0][0] is DENIED
     assert snapshot(db_url) == before
-    refusals = [
-        r for r in audit_rows(db_url) if r["tag"] == "SECURITY" and r["action"] == "RUN_NOT_VISIBLE"
-    ]
-    seen = {(r["run_id"], r["actor"], r["tenant_id"]) for r in refusals}
+    # The answers are identical; the audit trail, internal, tells the two apart: another
+    # tenant's run is a SECURITY event, an id that exists nowhere (a typo) is not.
+    rows = audit_rows(db_url)
+    seen = {(r["tag"], r["action"], r["run_id"], r["actor"], r["tenant_id"]) for r in rows}
     for run_id, rpc in zip(probes, [rpc for rpc in calls for _ in range(3)], strict=True):
         actor = "intruder-backend" if calls[rpc][1] is backend_t2 else "intruder-worker"
-        assert (run_id, actor, "t2") in seen, (rpc, run_id)
+        if run_id in (world.run, world.ended):
+            assert ("SECURITY", "RUN_NOT_VISIBLE", run_id, actor, "t2") in seen, (rpc, run_id)
+        else:
+            assert ("LOOKUP", "RUN_NOT_FOUND", run_id, actor, "t2") in seen, (rpc, run_id)
+            assert not [r for r in rows if r["run_id"] == run_id and r["tag"] == "SECURITY"]
+    refusals = [r for r in rows if r["action"] in {"RUN_NOT_VISIBLE", "RUN_NOT_FOUND"}]
     assert all(json.loads(r["detail"])["scope"] == "t2" for r in refusals)
 
 
