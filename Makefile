@@ -82,7 +82,7 @@ migrate: $(INSTALL_STAMP) ## Apply the database migrations
 bench: $(INSTALL_STAMP) services ## Benchmark on the local PostgreSQL, --workers 2 against 1 included; JSON to bench/results/ (BENCH_ARGS=...)
 	$(VENV_PY) -m bench.run $(BENCH_ARGS)
 
-demo: $(INSTALL_STAMP) ## A worker crash and a force-cancel on a fresh server (about a minute)
+demo: $(INSTALL_STAMP) ## The report's three scenarios: server kill -9, worker crash, force cancel (about a minute)
 	$(VENV_PY) scripts/demo.py
 
 clean: ## Remove the venv, node_modules and caches

@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
-"""The seed's worker-crash and force-cancel scenarios, automated (``make demo``).
+"""The three scenarios of the monolith's report, replayed on a fresh server (``make demo``).
 
-Starts ``runsvc serve`` on a fresh SQLite file with the default thresholds
-(stale after 30 s, reaper every 5 s), creates a run of 100 calls, starts the
-example dialer, kills it with SIGKILL, and shows the run going stale and
-GetActive answering "none"; then a second run whose worker is killed, a plain
-cancel that cannot finish it, and a force-cancel that does, with its count.
+1. Server restart: a run of 100 calls with a live dialer; ``kill -9`` the server
+   and its dialer (in the monolith they were one process), start the server
+   again: the UI shows no active queue within the stale threshold.
+2. Worker crash: ``kill -9`` only the dialer; the stuck run is cleared.
+3. Force cancel: ``kill -9`` the dialer; a plain cancel cannot finish the run
+   (nobody is left to acknowledge it), force cancel ends it at once.
+
+Every second it prints what the UI would show (the tenant's active run, from
+GetActive). The stale threshold is shortened to ``--stale-after`` seconds
+(default 5; production's is 30) so that the whole replay takes about a minute.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import secrets
 import shutil
@@ -20,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 from runsvc import tokens
-from runsvc_client import BackendClient, JobSpec, Run, RunState
+from runsvc_client import BackendClient, JobSpec, Run, RunsvcError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIALER = ROOT / "clients" / "examples" / "dialer.py"
@@ -33,8 +39,7 @@ STARTED = time.monotonic()
 
 
 def say(text: str) -> None:
-    stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
-    print(f"{stamp} demo  [+{time.monotonic() - STARTED:5.1f} s] {text}", flush=True)
+    print(f"[+{time.monotonic() - STARTED:5.1f} s] {text}", flush=True)
 
 
 def free_port() -> int:
@@ -46,118 +51,166 @@ def free_port() -> int:
 def describe(run: Run) -> str:
     c = run.job_counts
     text = (
-        f"{run.state.value}, {c.completed} answered, {c.failed} failed, "
+        f"run {run.number} {run.state.value}: {c.completed} answered, {c.failed} failed, "
         f"{c.in_progress} in progress, {c.queued} queued"
     )
     if run.stop_reason:
-        text += f", reason {run.stop_reason}"
+        text += f" ({run.stop_reason})"
     if run.cancel_requested and run.state.active:
         text += ", cancel requested"
     return text
 
 
-def wait_until(check: object, *, timeout: float, step: float = 0.5) -> None:
+def wait_until(check: Callable[[], bool], *, timeout: float, step: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
             raise SystemExit(f"demo: gave up after {timeout} s")
         time.sleep(step)
 
 
-def start_dialer(address: str, secret: str, worker_id: str) -> subprocess.Popen[bytes]:
-    token = tokens.issue(
-        secret, role="worker", tenant_id=TENANT, ttl_seconds=3600, subject=worker_id
-    )
-    flags = ["--worker-id", worker_id, "--rate", "8", "--seed", "1", "--progress-every", "10"]
-    return subprocess.Popen(
-        [sys.executable, str(DIALER), "--address", address, "--token", token, *flags]
-    )
+class Demo:
+    def __init__(self, stale_after: float) -> None:
+        self.data = Path(tempfile.mkdtemp(prefix="runsvc-demo-"))
+        self.secret = secrets.token_urlsafe(32)
+        self.address = f"127.0.0.1:{free_port()}"
+        self.stale_after = stale_after
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RUNSVC_")}
+        self.env.update(
+            RUNSVC_DATA_DIR=str(self.data),
+            RUNSVC_GRPC_ADDRESS=self.address,
+            RUNSVC_JWT_SECRET=self.secret,
+            RUNSVC_STALE_AFTER_SECONDS=str(stale_after),
+            RUNSVC_REAP_INTERVAL_SECONDS="1",
+            # Any free port: the demo must not collide with a runsvc already serving metrics.
+            RUNSVC_METRICS_ADDRESS="127.0.0.1:0",
+        )
+        self.server: subprocess.Popen[bytes] | None = None
+        self.backend = BackendClient(
+            self.address,
+            token=tokens.issue(self.secret, role="backend", tenant_id=TENANT, ttl_seconds=3600),
+        )
 
+    def start_server(self) -> None:
+        log = (self.data / "server.log").open("ab")
+        runsvc = Path(sys.executable).with_name("runsvc")
+        self.server = subprocess.Popen(
+            [str(runsvc), "serve"], env=self.env, stdout=subprocess.DEVNULL, stderr=log
+        )
+        log.close()
+        wait_until(self._serving, timeout=30)
+        say(f"runsvc serving on {self.address} (pid {self.server.pid})")
 
-def kill(process: subprocess.Popen[bytes], name: str) -> None:
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=10)
-    say(f"kill -9 {name} (pid {process.pid}): exit {process.returncode}")
+    def _serving(self) -> bool:
+        try:
+            self.backend.get_active()
+        except RunsvcError:
+            return False
+        return True
+
+    def start_dialer(self, worker_id: str) -> subprocess.Popen[bytes]:
+        token = tokens.issue(
+            self.secret, role="worker", tenant_id=TENANT, ttl_seconds=3600, subject=worker_id
+        )
+        flags = ["--worker-id", worker_id, "--rate", "8", "--seed", "1"]
+        flags += ["--stale-after", str(self.stale_after)]
+        return subprocess.Popen(
+            [sys.executable, str(DIALER), "--address", self.address, "--token", token, *flags],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def create_run(self, name: str) -> Run:
+        run = self.backend.create_run(
+            [JobSpec(f"call-{i:03}", b"+97250%07d" % i) for i in range(100)], request_id=name
+        )
+        say(f"created run {run.number} with 100 calls")
+        return run
+
+    def dial_a_little(self, run: Run, worker_id: str) -> subprocess.Popen[bytes]:
+        dialer = self.start_dialer(worker_id)
+        wait_until(lambda: self.backend.get_run(run.id).job_counts.completed >= 5, timeout=60)
+        say(f"dialer {worker_id} at work: {describe(self.backend.get_run(run.id))}")
+        return dialer
+
+    def ui_until_clear(self, limit: float, *, since: float) -> float:
+        """What the UI shows, each second, until no queue is active: the seconds since
+        ``since`` (the kill) that took."""
+        while time.monotonic() - since < limit:
+            try:
+                active = self.backend.get_active()
+            except RunsvcError as error:  # a server still starting counts as "not yet"
+                say(f"UI: (no answer yet: {type(error).__name__})")
+                time.sleep(1)
+                continue
+            if active is None:
+                waited = time.monotonic() - since
+                say(f"UI: no active queue ({waited:.1f} s after the kill)")
+                return waited
+            beat = active.last_heartbeat_time
+            age = (datetime.now(beat.tzinfo) - beat).total_seconds() if beat else float("nan")
+            say(f"UI: queue ACTIVE, {describe(active)}, silent {age:4.1f} s")
+            time.sleep(1)
+        raise SystemExit(f"demo: the queue still showed active after {limit} s")
+
+    def kill(self, process: subprocess.Popen[bytes], name: str) -> float:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        say(f"kill -9 {name} (pid {process.pid})")
+        return time.monotonic()
+
+    def close(self) -> None:
+        self.backend.close()
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait(timeout=10)
+        shutil.rmtree(self.data, ignore_errors=True)
 
 
 def main() -> int:
-    data = Path(tempfile.mkdtemp(prefix="runsvc-demo-"))
-    secret = secrets.token_urlsafe(32)
-    address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNSVC_")}
-    env.update(
-        RUNSVC_DATA_DIR=str(data),
-        RUNSVC_GRPC_ADDRESS=address,
-        RUNSVC_JWT_SECRET=secret,
-        # Any free port: the demo must not collide with a runsvc already serving metrics.
-        RUNSVC_METRICS_ADDRESS="127.0.0.1:0",
-    )
-    server_log = data / "server.log"
-    runsvc = Path(sys.executable).with_name("runsvc")
-    say(f"starting runsvc on {address}, database {data / 'runsvc.db'} (fresh)")
-    with server_log.open("wb") as log:
-        server = subprocess.Popen([str(runsvc), "serve"], env=env, stderr=log)
-    backend = BackendClient(
-        address,
-        token=tokens.issue(secret, role="backend", tenant_id=TENANT, ttl_seconds=3600),
-    )
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--stale-after", type=float, default=5.0, help="seconds (default 5)")
+    args = parser.parse_args()
+    demo = Demo(args.stale_after)
+    bound = args.stale_after + 15  # the threshold, a reaper pass, a restart
     try:
-        wait_until(lambda: "serving" in server_log.read_text(), timeout=30, step=0.2)
-        say("server is serving (stale after 30 s, reaper every 5 s: the defaults)")
-        run = backend.create_run(
-            [JobSpec(f"call-{i:03}", b"+97250%07d" % i) for i in range(100)],
-            request_id="demo-run-1",
-        )
-        say(f"created run {run.id} with 100 calls")
+        demo.start_server()
 
-        # Scenario 2: the worker crashes; the run must not stay "active".
-        dialer = start_dialer(address, secret, "dialer-1")
-        wait_until(lambda: backend.get_run(run.id).job_counts.completed >= 15, timeout=60)
-        kill(dialer, "the dialer")
-        say(f"run {run.id}: {describe(backend.get_run(run.id))}")
-        while (active := backend.get_active()) is not None:
-            beat = active.last_heartbeat_time
-            age = (datetime.now(beat.tzinfo) - beat).total_seconds() if beat else float("nan")
-            say(f"GetActive: run {active.id} still {active.state.value}, silent {age:4.1f} s")
-            time.sleep(5)
-        say("GetActive: none (the UI shows no active queue)")
-        say(f"run {run.id}: {describe(backend.get_run(run.id))}")
+        say("--- 1. server restart: kill -9 the server and its dialer, start the server again")
+        run = demo.create_run("demo-1")
+        dialer = demo.dial_a_little(run, "dialer-1")
+        assert demo.server is not None
+        killed = demo.kill(demo.server, "the server")
+        demo.kill(dialer, "its dialer")
+        demo.start_server()
+        demo.ui_until_clear(bound, since=killed)
+        say(describe(demo.backend.get_run(run.id)))
 
-        # Scenario 3: force cancel works at once while the worker is dead.
-        second = backend.create_run(
-            [JobSpec(f"call-{i:03}") for i in range(100)], request_id="demo-run-2"
-        )
-        say(f"created run {second.id} with 100 calls")
-        dialer = start_dialer(address, secret, "dialer-2")
-        wait_until(lambda: backend.get_run(second.id).job_counts.completed >= 5, timeout=60)
-        kill(dialer, "the dialer")
-        cancelled = backend.cancel(second.id, reason="user pressed cancel")
-        say(f"Cancel: run {second.id} {describe(cancelled)} (nobody left to act on it)")
-        done = backend.force_cancel(second.id, reason="worker is dead")
+        say("--- 2. worker crash: kill -9 the dialer only")
+        run = demo.create_run("demo-2")
+        killed = demo.kill(demo.dial_a_little(run, "dialer-2"), "the dialer")
+        demo.ui_until_clear(bound, since=killed)
+        say(describe(demo.backend.get_run(run.id)))
+
+        say("--- 3. force cancel: kill -9 the dialer, cancel, then force cancel")
+        run = demo.create_run("demo-3")
+        killed = demo.kill(demo.dial_a_little(run, "dialer-3"), "the dialer")
+        cancelled = demo.backend.cancel(run.id, reason="user pressed cancel")
+        say(f"Cancel: {describe(cancelled)} (nobody is left to acknowledge it)")
+        done = demo.backend.force_cancel(run.id, reason="worker is dead")
         say(
-            f"ForceCancel: run {second.id} {describe(done.run)}; "
-            f"cancelled_count={done.cancelled_jobs}, released_slots={done.released_slots}"
+            f"ForceCancel: {describe(done.run)}; cancelled_count={done.cancelled_jobs}, "
+            f"released_slots={done.released_slots}"
         )
-        active = backend.get_active()
-        say(f"GetActive: {'none' if active is None else active.id}")
-        assert active is None and done.run.state is RunState.CANCELLED
-        say("audit lines from the server log:")
-        for line in server_log.read_text().splitlines():
-            if '"STALE_DETECTION"' in line or '"FORCE_CANCEL"' in line:
-                record = json.loads(line)
-                fields = {k: record[k] for k in ("tag", "run_id", "reason") if k in record}
-                print(f"    {record.get('time', '')} {record.get('message', '')} {fields}")
-        say("done")
+        demo.ui_until_clear(bound, since=killed)
+        say("done: all three scenarios end with no active queue")
         return 0
     finally:
-        backend.close()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
-        shutil.rmtree(data, ignore_errors=True)
+        demo.close()
 
 
 if __name__ == "__main__":
