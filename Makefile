@@ -14,7 +14,9 @@ PYTEST_ARGS ?=
 
 PY_SOURCES += $(wildcard bench)
 
-.PHONY: bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
+VERSION := $(shell cat clients/runsvc_client/VERSION)
+
+.PHONY: dist image bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -84,6 +86,14 @@ bench: $(INSTALL_STAMP) services ## Benchmark on the local PostgreSQL, --workers
 
 demo: $(INSTALL_STAMP) ## The report's three scenarios: server kill -9, worker crash, force cancel (about a minute)
 	$(VENV_PY) scripts/demo.py
+
+dist: $(INSTALL_STAMP) ## Wheels and sdists of runsvc and runsvc-client in dist/, checked by twine
+	rm -rf dist
+	PYTHON=$(VENV_PY) sh scripts/dist.sh dist
+	$(VENV)/bin/twine check --strict dist/*
+
+image: ## Build the container image runsvc:$(VERSION) (needs a Docker engine)
+	docker build -t runsvc:$(VERSION) .
 
 clean: ## Remove the venv, node_modules and caches
 	rm -rf $(VENV) node_modules build dist .pytest_cache .ruff_cache .mypy_cache

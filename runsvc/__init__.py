@@ -1,3 +1,8 @@
 """runsvc: the source of truth for whether a tenant's run is really still running."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("runsvc")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

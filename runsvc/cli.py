@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -230,6 +231,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """gRPC health of a server: exit 0 when SERVING (the image's health check, a probe)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"runsvc health: {error.code().name}", file=sys.stderr)
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(name)
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 # --- the parser ---------------------------------------------------------------------
 
 RUN_STATE_NAMES = ("pending", "running", "completed", "cancelled", "stopped", "failed")
@@ -287,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--subject", help="who the token stands for")
 
     _command(sub, "check", cmd_check, "verify the store's invariants (exit 1 on a violation)")
+    health = _command(sub, "health", cmd_health, "a server's gRPC health (exit 0 when SERVING)")
+    health.add_argument(
+        "--address",
+        default=os.environ.get("RUNSVC_HEALTH_ADDRESS") or Settings.grpc_address,
+        help="the health port or the main port, plaintext (default: RUNSVC_HEALTH_ADDRESS, "
+        "else %(default)s)",
+    )
+    health.add_argument("--service", default="", help="a service name (default: the server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     audit = _command(sub, "audit", lambda _: EXIT_USAGE, "the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_list = _command(

@@ -1,13 +1,13 @@
 """Apply and inspect the database migrations (``migrations/``) from code.
 
 The Alembic config is built here, with no alembic.ini: the scripts are the
-``migrations`` folder next to the ``runsvc`` package, or the folder named by
-the ``RUNSVC_MIGRATIONS_DIR`` environment variable.
+``runsvc.migrations`` package, which is the repository's ``migrations/``
+folder in a checkout and ships inside the installed distribution.
 """
 
 from __future__ import annotations
 
-import os
+from importlib import resources
 from pathlib import Path
 
 from alembic import command
@@ -17,20 +17,19 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import make_url
 
-import runsvc
 from runsvc.store import adopt
 
+MIGRATIONS_PACKAGE = "runsvc.migrations"
 
-def migrations_dir() -> Path:
+
+def migrations_dir(package: str = MIGRATIONS_PACKAGE) -> Path:
     """The folder that holds ``env.py`` and ``versions/``."""
-    override = os.environ.get("RUNSVC_MIGRATIONS_DIR")
-    folder = (
-        Path(override) if override else Path(runsvc.__file__).resolve().parent.parent / "migrations"
-    )
+    try:
+        folder = Path(str(resources.files(package)))
+    except ModuleNotFoundError as error:
+        raise RuntimeError(f"the migrations package {package} is not installed") from error
     if not (folder / "env.py").is_file():
-        raise RuntimeError(
-            f"the migrations folder {folder} is missing (set RUNSVC_MIGRATIONS_DIR to its path)"
-        )
+        raise RuntimeError(f"the migrations folder {folder} has no env.py")
     return folder
 
 

@@ -35,10 +35,11 @@ from tests.keys import ec_key, public_pem
 RULES = ROOT / "deploy" / "prometheus" / "runsvc.rules.yml"
 
 # RUNSVC_* variables runsvc reads outside settings.py, with the module that reads each.
-READ_DIRECTLY = {"RUNSVC_MIGRATIONS_DIR": ROOT / "runsvc" / "store" / "migrate.py"}
+READ_DIRECTLY: dict[str, Path] = {}
 
-# Where the image keeps what the pods name by path (deploy/kubernetes/README.md, "The image").
-IMAGE_PATHS = {"/opt/runsvc/migrations": ROOT / "migrations"}
+# Where the image keeps what the pods name by path: nothing (the migrations ship inside
+# the installed package, runsvc.migrations).
+IMAGE_PATHS: dict[str, Path] = {}
 
 # Server.stop (runsvc/server.py) joins the reaper thread for up to the grace plus this.
 REAPER_JOIN_EXTRA_SECONDS = 5
@@ -196,10 +197,12 @@ def test_the_migration_jobs_settings_load_on_the_servers_database(
     settings, env, container = loaded_settings(objects, "Job", tmp_path)
     assert container["command"] + container["args"] == ["runsvc", "migrate"]
     assert settings.database_url == DUMMY_SECRETS[("runsvc-database", "url")]
-    assert Path(env["RUNSVC_MIGRATIONS_DIR"]) == ROOT / "migrations"
+    assert not [name for name in env if "MIGRATIONS" in name]
     (server,) = server_pod(objects)["spec"]["containers"]
     assert container["image"] == server["image"]
-    assert container["image"] == "registry.example.com/runsvc:0.1.0"
+    # The image the Dockerfile builds, at the one version of both distributions.
+    version = (ROOT / "clients" / "runsvc_client" / "VERSION").read_text().strip()
+    assert container["image"] == f"registry.example.com/runsvc:{version}"
 
     def database_ref(c: Manifest) -> Any:
         (entry,) = [e for e in c["env"] if e["name"] == "RUNSVC_DATABASE_URL"]

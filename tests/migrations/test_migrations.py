@@ -182,12 +182,12 @@ def test_offline_sql_for_postgresql(capsys: pytest.CaptureFixture[str]) -> None:
     assert "INSERT INTO alembic_version" in out
 
 
-def test_missing_migrations_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_sqlite_url: str
-) -> None:
-    monkeypatch.setenv("RUNSVC_MIGRATIONS_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(RuntimeError, match="migrations folder"):
-        migrate.upgrade(empty_sqlite_url)
+def test_the_migrations_ship_as_a_package_of_runsvc() -> None:
+    folder = migrate.migrations_dir()
+    assert (folder / "env.py").is_file() and (folder / "script.py.mako").is_file()
+    assert folder.resolve() == (Path(__file__).resolve().parents[2] / "migrations")
+    with pytest.raises(RuntimeError, match="not installed"):
+        migrate.migrations_dir("runsvc.no_such_migrations")
 
 
 def test_run_numbers_backfill_keeps_adopted_ids_and_new_runs_follow(
