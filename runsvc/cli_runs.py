@@ -50,7 +50,8 @@ class RpcFailed(CliError):
 
 
 def is_local_address(address: str) -> bool:
-    """A unix socket, or a host of the loopback range (127.0.0.0/8, ::1, localhost)."""
+    """A unix socket, a host of the loopback range (127.0.0.0/8, ::1, localhost), or the
+    unspecified address a server listens on (0.0.0.0, ::), which is dialled on this host."""
     if address.startswith(("unix:", "unix-abstract:")):
         return True
     host = address.rpartition(":")[0] if ":" in address else address
@@ -59,9 +60,11 @@ def is_local_address(address: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address_of_host = ipaddress.ip_address(host)
     except ValueError:
         return False
+    # 0.0.0.0 and :: (a server's own "every address") are dialled on this host.
+    return address_of_host.is_loopback or address_of_host.is_unspecified
 
 
 def bearer_token(args: argparse.Namespace) -> str:

@@ -54,7 +54,7 @@ def jwt_secret(settings: Settings, *, create: bool = False) -> str:
     """
     if settings.jwt_secret:
         return settings.jwt_secret
-    if create:
+    if create and settings.jwt_secret_path is None:
         return tokens.load_or_create_secret(settings.jwt_secret_file)
     return tokens.read_secret(settings.jwt_secret_file)
 
@@ -344,7 +344,7 @@ def serve(settings: Settings, *, replica: Replica | None = None) -> int:
     if url.startswith("sqlite"):
         # The embedded default needs no separate step: bring its schema up to date.
         migrate.upgrade(url)
-    new_secret = not settings.jwt_secret and not settings.jwt_secret_file.exists()
+    new_secret = not settings.jwt_secret and not settings.jwt_secret_file.exists()  # data folder
     secret = jwt_secret(settings, create=True) if "HS256" in settings.jwt_algorithms else None
     if secret and not settings.jwt_secret:
         log.info(

@@ -37,6 +37,8 @@ class Settings:
     tenant_slots: int = 10
     tenant_slot_overrides: Mapping[str, int] = field(default_factory=dict)
     jwt_secret: str | None = None
+    # A file holding the HS256 secret (a mounted Secret); unset: $RUNSVC_DATA_DIR/jwt-secret.
+    jwt_secret_path: Path | None = None
     grpc_max_workers: int = 32
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -98,7 +100,7 @@ class Settings:
 
     @property
     def jwt_secret_file(self) -> Path:
-        return self.data_dir / "jwt-secret"
+        return self.jwt_secret_path or self.data_dir / "jwt-secret"
 
     def liveness(self) -> LivenessPolicy:
         return LivenessPolicy(
@@ -274,6 +276,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_TENANT_SLOTS": ("tenant_slots", _positive_int),
     "RUNSVC_TENANT_SLOT_OVERRIDES": ("tenant_slot_overrides", _overrides),
     "RUNSVC_JWT_SECRET": ("jwt_secret", _secret),
+    "RUNSVC_JWT_SECRET_FILE": ("jwt_secret_path", _existing_file),
     "RUNSVC_GRPC_MAX_WORKERS": ("grpc_max_workers", _positive_int),
     "RUNSVC_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
     "RUNSVC_LOG_LEVEL": ("log_level", _log_level),

@@ -321,8 +321,9 @@ class SecretFileError(ValueError):
 def read_secret(path: Path) -> str:
     """The secret in ``path``, opened without following a link and refused unless private.
 
-    A secret that others can read is no secret: the file must be a regular
-    file owned by this user, with no permission for group or others.
+    A secret that others can read is no secret: the file must be a regular file
+    owned by this user (or by root, as a mounted Kubernetes Secret is), that no
+    one but its owner and group can read and no one but its owner can write.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -336,11 +337,11 @@ def read_secret(path: Path) -> str:
         status = os.fstat(handle.fileno())
         if not stat.S_ISREG(status.st_mode):
             raise SecretFileError(f"the signing secret {path} is not a regular file")
-        if status.st_uid != os.geteuid():
+        if status.st_uid not in (os.geteuid(), 0):
             raise SecretFileError(f"the signing secret {path} belongs to another user")
-        if status.st_mode & 0o077:
+        if status.st_mode & 0o027:
             raise SecretFileError(
-                f"the signing secret {path} can be read by others "
+                f"the signing secret {path} can be read or changed by others "
                 f"(mode {stat.S_IMODE(status.st_mode):04o}; chmod 600 it)"
             )
         secret = handle.read().strip()

@@ -132,11 +132,21 @@ def container_env(
     for mount in container.get("volumeMounts", []):
         volume = volumes[mount["name"]]
         local = files_root / mount["mountPath"].lstrip("/")
-        local.mkdir(parents=True, exist_ok=True)
         if "secret" in volume:
-            for item in volume["secret"]["items"]:
-                value = secrets[(volume["secret"]["secretName"], item["key"])]
-                (local / item["path"]).write_text(value)
+            # As the kubelet writes them: each item with the volume's mode; with subPath,
+            # the one item as a regular file at the mount path itself.
+            mode = volume["secret"].get("defaultMode", 0o644)
+            items = {item["path"]: item for item in volume["secret"]["items"]}
+            if "subPath" in mount:
+                files = {local: items[mount["subPath"]]}
+            else:
+                files = {local / path: item for path, item in items.items()}
+            for path, item in files.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(secrets[(volume["secret"]["secretName"], item["key"])])
+                path.chmod(item.get("mode", mode))
+        else:
+            local.mkdir(parents=True, exist_ok=True)
         places[mount["mountPath"]] = local
     return {name: _relocated(value, places) for name, value in env.items()}
 

@@ -29,7 +29,7 @@ from tests.conftest import private_database
 from tests.deploy.k8s_manifests import Manifest, container_env, one, render
 from tests.deploy.test_kubernetes_references import IMAGE_PATHS
 from tests.e2e.test_cli import free_port, kill, runsvc_command, spawn_server
-from tests.keys import claims, ec_key, public_pem
+from tests.keys import claims, ec_key, make_pki, private_pem, public_pem
 
 HS256_SECRET = "pod-test-secret-long-enough-for-an-hs256-key"
 JOB_TIMEOUT = 60.0
@@ -81,11 +81,16 @@ def test_the_job_migrates_and_the_deployment_serves_as_configured(
 ) -> None:
     objects = render()
     signing_key = ec_key()
+    pki = make_pki()
     secrets = {
+        # One database user here; the manifests give the Job a role of its own.
         ("runsvc-database", "url"): empty_database,
+        ("runsvc-database-migrate", "url"): empty_database,
         ("runsvc-redis", "url"): redis_url,
         ("runsvc-jwt", "hs256-secret"): HS256_SECRET,
         ("runsvc-jwt", "public-keys.pem"): public_pem(signing_key),
+        ("runsvc-tls", "tls.crt"): pki.server_cert_pem.decode(),
+        ("runsvc-tls", "tls.key"): private_pem(pki.server_key).decode(),
     }
 
     _, job, job_env = pod_environment(objects, "Job", secrets, tmp_path / "job")
@@ -104,19 +109,26 @@ def test_the_job_migrates_and_the_deployment_serves_as_configured(
     assert server["command"] + server["args"] == ["runsvc", "serve"]
     grpc_port, grpc_local = on_loopback(env, "RUNSVC_GRPC_ADDRESS")
     metrics_port, metrics_local = on_loopback(env, "RUNSVC_METRICS_ADDRESS")
+    health_port, health_local = on_loopback(env, "RUNSVC_HEALTH_ADDRESS")
     env["RUNSVC_REDIS_KEY_PREFIX"] = redis_prefix
     address = f"127.0.0.1:{grpc_local}"
-    running = spawn_server(env, tmp_path / "server", address, tmp_path / "server.stderr")
+    # The gRPC port speaks TLS only: the start is seen on the plaintext health port.
+    running = spawn_server(
+        env, tmp_path / "server", f"127.0.0.1:{health_local}", tmp_path / "server.stderr"
+    )
     try:
-        with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+        with grpc.insecure_channel(f"127.0.0.1:{health_local}") as probes:
+            health = health_pb2_grpc.HealthStub(probes)
             for name in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = server[name]["grpc"]
-                assert probe["port"] == grpc_port
+                assert probe["port"] == health_port != grpc_port
                 request = health_pb2.HealthCheckRequest(service=probe.get("service", ""))
                 status = health.Check(request, timeout=probe_timeout(server[name]))
                 assert status.status == health_pb2.HealthCheckResponse.SERVING, name
-
+        with grpc.insecure_channel(address) as plain:
+            assert call_code(plain, "x") == grpc.StatusCode.UNAVAILABLE  # no plaintext
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca_pem)
+        with grpc.secure_channel(address, credentials) as channel:
             audience = env["RUNSVC_JWT_AUDIENCE"]
             hs256 = tokens.issue(
                 HS256_SECRET, role="backend", tenant_id="acme", ttl_seconds=60, audience=audience
@@ -130,7 +142,7 @@ def test_the_job_migrates_and_the_deployment_serves_as_configured(
         (endpoint,) = one(objects, "ServiceMonitor")["spec"]["endpoints"]
         port = next(
             p
-            for p in one(objects, "Service", "runsvc")["spec"]["ports"]
+            for p in one(objects, "Service", "runsvc-metrics")["spec"]["ports"]
             if p["name"] == endpoint["port"]
         )
         assert {c["name"]: c["containerPort"] for c in server["ports"]}[

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from runsvc import settings as settings_module
+from runsvc import tokens
 from runsvc.api.auth import SERVICE
 from tests.deploy.k8s_manifests import (
     KUSTOMIZE_DIR,
@@ -105,6 +106,9 @@ def server_pod(objects: list[Manifest]) -> Manifest:
 # Stand-ins for the Secrets' values: settings are parsed, nothing is dialled.
 DUMMY_SECRETS = {
     ("runsvc-database", "url"): "postgresql+psycopg2://runsvc@db.invalid:5432/runsvc",
+    ("runsvc-database-migrate", "url"): "postgresql+psycopg2://migrator@db.invalid:5432/runsvc",
+    ("runsvc-tls", "tls.crt"): "-----BEGIN CERTIFICATE-----\nstand-in\n-----END CERTIFICATE-----\n",
+    ("runsvc-tls", "tls.key"): "-----BEGIN PRIVATE KEY-----\nstand-in\n-----END PRIVATE KEY-----\n",
     ("runsvc-redis", "url"): "redis://redis.invalid:6379/0",
     ("runsvc-jwt", "hs256-secret"): "k" * 48,
     ("runsvc-jwt", "public-keys.pem"): public_pem(ec_key()),
@@ -175,14 +179,26 @@ def test_every_runsvc_variable_is_a_setting(objects: list[Manifest]) -> None:
 
 
 def test_the_server_containers_settings_load(objects: list[Manifest], tmp_path: Path) -> None:
-    settings, _, _ = loaded_settings(objects, "Deployment", tmp_path)
+    settings, env, _ = loaded_settings(objects, "Deployment", tmp_path)
     ports = container_ports(objects)
     # Probes and Prometheus reach the pod on its own IP: both listen on every address.
     assert settings.grpc_address == f"0.0.0.0:{ports['grpc']}"
     assert settings.metrics_address == f"0.0.0.0:{ports['metrics']}"
     assert settings.database_url == DUMMY_SECRETS[("runsvc-database", "url")]
     assert settings.redis_url == DUMMY_SECRETS[("runsvc-redis", "url")]
-    assert settings.jwt_secret == DUMMY_SECRETS[("runsvc-jwt", "hs256-secret")]
+    # The HS256 secret is a file (never in the environment), one runsvc accepts as private.
+    assert settings.jwt_secret is None and "RUNSVC_JWT_SECRET" not in env
+    assert settings.jwt_secret_path is not None
+    assert (
+        tokens.read_secret(settings.jwt_secret_path)
+        == DUMMY_SECRETS[("runsvc-jwt", "hs256-secret")]
+    )
+    # TLS on the gRPC port, with the certificate and key the runsvc-tls Secret mounts.
+    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    assert settings.tls_cert_file.read_text() == DUMMY_SECRETS[("runsvc-tls", "tls.crt")]
+    assert settings.tls_key_file.read_text() == DUMMY_SECRETS[("runsvc-tls", "tls.key")]
+    # Plaintext health on a port of its own, for the kubelet's probes.
+    assert settings.health_address == f"0.0.0.0:{ports['health']}"
     assert settings.jwt_public_key_file is not None
     # The path names the key the Secret volume mounts.
     assert settings.jwt_public_key_file.is_relative_to(tmp_path)
@@ -191,12 +207,12 @@ def test_the_server_containers_settings_load(objects: list[Manifest], tmp_path: 
     )
 
 
-def test_the_migration_jobs_settings_load_on_the_servers_database(
+def test_the_migration_job_migrates_as_a_role_of_its_own(
     objects: list[Manifest], tmp_path: Path
 ) -> None:
     settings, env, container = loaded_settings(objects, "Job", tmp_path)
     assert container["command"] + container["args"] == ["runsvc", "migrate"]
-    assert settings.database_url == DUMMY_SECRETS[("runsvc-database", "url")]
+    assert settings.database_url == DUMMY_SECRETS[("runsvc-database-migrate", "url")]
     assert not [name for name in env if "MIGRATIONS" in name]
     (server,) = server_pod(objects)["spec"]["containers"]
     assert container["image"] == server["image"]
@@ -208,7 +224,8 @@ def test_the_migration_jobs_settings_load_on_the_servers_database(
         (entry,) = [e for e in c["env"] if e["name"] == "RUNSVC_DATABASE_URL"]
         return entry["valueFrom"]["secretKeyRef"]
 
-    assert database_ref(container) == database_ref(server)
+    # The migration role owns the schema; the server's role only reads and writes rows.
+    assert database_ref(container)["name"] != database_ref(server)["name"]
 
 
 def test_termination_grace_covers_the_servers_drain(
@@ -223,13 +240,14 @@ def test_termination_grace_covers_the_servers_drain(
     assert needed <= pod["terminationGracePeriodSeconds"] <= needed + 30
 
 
-def test_probes_hit_the_grpc_port_and_the_health_services_the_server_sets(
+def test_probes_hit_the_health_port_and_the_health_services_the_server_sets(
     objects: list[Manifest],
 ) -> None:
     (container,) = server_pod(objects)["spec"]["containers"]
     probes = [container[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")]
     for probe in probes:
-        assert probe["grpc"]["port"] == container_ports(objects)["grpc"]
+        # The plaintext health port, on threads of its own: busy is not dead.
+        assert probe["grpc"]["port"] == container_ports(objects)["health"]
         # Server.start sets SERVING for exactly these two names.
         assert probe["grpc"].get("service", "") in {"", SERVICE}
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE
@@ -238,7 +256,16 @@ def test_probes_hit_the_grpc_port_and_the_health_services_the_server_sets(
 def test_services_target_named_container_ports(objects: list[Manifest]) -> None:
     ports = container_ports(objects)
     services = [o for o in objects if o["kind"] == "Service"]
-    assert {s["metadata"]["name"] for s in services} == {"runsvc", "runsvc-headless"}
+    assert {s["metadata"]["name"] for s in services} == {
+        "runsvc",
+        "runsvc-headless",
+        "runsvc-metrics",
+    }
+    # The services clients use carry gRPC only: the metrics are Prometheus's alone.
+    for name in ("runsvc", "runsvc-headless"):
+        ports = [p["name"] for p in one(objects, "Service", name)["spec"]["ports"]]
+        assert ports == ["grpc"], (name, ports)
+    ports = container_ports(objects)
     for service in services:
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, (service["metadata"]["name"], port)
@@ -277,7 +304,7 @@ def test_service_monitor_scrapes_the_metrics_port_once_as_the_rules_job(
         if s["kind"] == "Service"
         and selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
     ]
-    assert [s["metadata"]["name"] for s in chosen] == ["runsvc"], "each replica scraped once"
+    assert [s["metadata"]["name"] for s in chosen] == ["runsvc-metrics"], "scraped once"
     (service,) = chosen
     (endpoint,) = monitor["spec"]["endpoints"]
     (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
@@ -311,10 +338,38 @@ def test_the_pods_are_locked_down(objects: list[Manifest]) -> None:
             assert context["capabilities"]["drop"] == ["ALL"]
             assert set(container["resources"]) == {"requests", "limits"}
             for mount in container.get("volumeMounts", []):
-                # A subPath mount never sees a Secret's update (no key rotation).
-                assert "subPath" not in mount
+                # A subPath mount never sees a Secret's update: only the HS256 secret, which
+                # runsvc reads once and refuses through the kubelet's symbolic link.
+                assert "subPath" not in mount or mount["name"] == "jwt-secret"
 
 
 def test_the_prometheus_rule_carries_the_rules_file_unchanged(objects: list[Manifest]) -> None:
     groups = yaml.safe_load(RULES.read_text())["groups"]
     assert one(objects, "PrometheusRule")["spec"]["groups"] == groups
+
+
+def test_network_policies_let_in_clients_and_prometheus_only(objects: list[Manifest]) -> None:
+    policies = {o["metadata"]["name"]: o for o in objects if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"runsvc", "runsvc-migrate"}
+    server_labels = server_pod(objects)["metadata"]["labels"]
+    job_labels = one(objects, "Job")["spec"]["template"]["metadata"]["labels"]
+    server, job = policies["runsvc"]["spec"], policies["runsvc-migrate"]["spec"]
+    assert selects(server["podSelector"]["matchLabels"], server_labels)
+    assert not selects(server["podSelector"]["matchLabels"], job_labels)
+    assert selects(job["podSelector"]["matchLabels"], job_labels)
+    for spec in (server, job):
+        # Both directions are governed: what is not listed is refused.
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+    allowed = {
+        rule["ports"][0]["port"]: rule["from"][0]["podSelector"]["matchLabels"]
+        for rule in server["ingress"]
+    }
+    assert allowed == {
+        "grpc": {"runsvc.io/client": "true"},
+        "metrics": {"app.kubernetes.io/name": "prometheus"},
+    }
+    assert set(allowed) <= set(container_ports(objects))
+    assert "ingress" not in job  # nothing reaches the migration Job
+    out = {port["port"] for rule in server["egress"] for port in rule["ports"]}
+    assert out == {5432, 6379, 53}
+    assert {port["port"] for rule in job["egress"] for port in rule["ports"]} == {5432, 53}

@@ -27,7 +27,14 @@ from tests.deploy.k8s_manifests import Manifest, one, render
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 CUSTOM_SCHEMAS = {"ServiceMonitor": "servicemonitor.json", "PrometheusRule": "prometheusrule.json"}
-BUILT_IN_KINDS = {"ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "Job"}
+BUILT_IN_KINDS = {
+    "ConfigMap",
+    "Deployment",
+    "PodDisruptionBudget",
+    "Service",
+    "Job",
+    "NetworkPolicy",
+}
 
 
 @pytest.fixture
