@@ -182,7 +182,7 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
     from runsvc.store.engine import Database, make_engine
 
     settings = _settings()
-    db = Database(make_engine(settings.effective_database_url, pool_size=1))
+    db = Database(make_engine(settings.effective_database_url, max_connections=2))
     try:
         rows = db.run(
             lambda conn: audit.recent(
@@ -202,7 +202,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from runsvc.store.engine import Database, make_engine
 
     settings = _settings()
-    db = Database(make_engine(settings.effective_database_url, pool_size=1))
+    db = Database(make_engine(settings.effective_database_url, max_connections=2))
     try:
         found = db.run(check.violations)
     finally:

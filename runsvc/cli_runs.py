@@ -343,7 +343,7 @@ def cmd_runs_stale(args: argparse.Namespace) -> int:
         settings = settings_module.load()
     except settings_module.SettingsError as error:
         raise CliError(str(error)) from error
-    db = Database(make_engine(settings.effective_database_url, pool_size=1))
+    db = Database(make_engine(settings.effective_database_url, max_connections=2))
     try:
         silences = db.run(
             lambda conn: stats.longest_silences(

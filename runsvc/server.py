@@ -117,11 +117,21 @@ def redis_slot_config(settings: Settings) -> slot_sync.RedisSlotConfig | None:
 
 
 def build(
-    settings: Settings, *, clock: Clock | None = None, secret: str | None = None
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    secret: str | None = None,
+    store_gauges: bool = True,
 ) -> Components:
     """Everything but the gRPC edge. ``secret``: the signing secret, which the page-token
-    key of every replica sharing it derives from (without it, a key of this process's own)."""
-    db = Database(make_engine(settings.effective_database_url, pool_size=settings.grpc_max_workers))
+    key of every replica sharing it derives from (without it, a key of this process's own).
+    ``store_gauges``: whether this process's /metrics reads the store (one process per host)."""
+    db = Database(
+        make_engine(
+            settings.effective_database_url,
+            max_connections=settings.database_max_connections or 2 * settings.grpc_max_workers,
+        )
+    )
     clock = clock or DatabaseClock()
     config = redis_slot_config(settings)
     sync = slot_sync.build(db, clock, settings.slot_limits(), config) if config else None
@@ -133,6 +143,7 @@ def build(
         reap_interval_seconds=settings.reap_interval_seconds,
         tenant_series_limit=settings.metrics_tenant_series,
         slot_backlog=sync.backlog if sync else no_slot_backlog,
+        store_gauges=store_gauges,
     )
     if sync is not None:
         sync.observe(metrics.observer)
@@ -352,7 +363,8 @@ def serve(settings: Settings, *, replica: Replica | None = None) -> int:
             extra={"path": str(settings.jwt_secret_file), "new": new_secret},
         )
     server = Server(
-        build(settings, secret=secret),
+        # Of `serve --workers N`, the first process alone reads the store for /metrics.
+        build(settings, secret=secret, store_gauges=replica is None or replica.index == 0),
         secret=secret,
         share_port=replica is not None,
         startup_cleanup=replica is None or replica.startup_cleanup,

@@ -40,6 +40,8 @@ class Settings:
     # A file holding the HS256 secret (a mounted Secret); unset: $RUNSVC_DATA_DIR/jwt-secret.
     jwt_secret_path: Path | None = None
     grpc_max_workers: int = 32
+    # PostgreSQL connections one process opens at most (None: twice the RPC threads).
+    database_max_connections: int | None = None
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
     # Security settings (SECURITY.md): token checks, TLS, limits and rate limits.
@@ -278,6 +280,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "RUNSVC_JWT_SECRET": ("jwt_secret", _secret),
     "RUNSVC_JWT_SECRET_FILE": ("jwt_secret_path", _existing_file),
     "RUNSVC_GRPC_MAX_WORKERS": ("grpc_max_workers", _positive_int),
+    "RUNSVC_DATABASE_MAX_CONNECTIONS": ("database_max_connections", _bounded_int(1, 10_000)),
     "RUNSVC_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
     "RUNSVC_LOG_LEVEL": ("log_level", _log_level),
     "RUNSVC_JWT_ALGORITHMS": ("jwt_algorithms", _algorithms),

@@ -263,7 +263,11 @@ class Supervisor:
 
 def serve(settings: Settings, workers: int, *, policy: RestartPolicy | None = None) -> int:
     """Supervise ``workers`` server processes until SIGTERM or SIGINT."""
-    if settings.jwt_secret is None and "HS256" in settings.jwt_algorithms:
+    if (
+        settings.jwt_secret is None
+        and settings.jwt_secret_path is None
+        and ("HS256" in settings.jwt_algorithms)
+    ):
         # Created once, here: processes starting together would race to write it.
         tokens.load_or_create_secret(settings.jwt_secret_file)
     stop = shutdown.stop_on_signals()

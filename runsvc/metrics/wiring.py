@@ -19,7 +19,8 @@ class Metrics:
     registry: CollectorRegistry
     observer: MetricsObserver
     grpc: GrpcMetricsInterceptor
-    store: StoreCollector
+    # None in the processes of `serve --workers N` but the first: one reads the store per scrape.
+    store: StoreCollector | None
 
 
 def build_metrics(
@@ -30,15 +31,18 @@ def build_metrics(
     reap_interval_seconds: float,
     tenant_series_limit: int = 0,
     slot_backlog: SlotBacklog = no_slot_backlog,
+    store_gauges: bool = True,
 ) -> Metrics:
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    store = StoreCollector(
-        db, clock, policy, tenant_series_limit=tenant_series_limit, slot_backlog=slot_backlog
-    )
-    registry.register(store)
+    store = None
+    if store_gauges:
+        store = StoreCollector(
+            db, clock, policy, tenant_series_limit=tenant_series_limit, slot_backlog=slot_backlog
+        )
+        registry.register(store)
     return Metrics(
         registry=registry,
         observer=MetricsObserver(registry, reap_interval_seconds=reap_interval_seconds),

@@ -44,15 +44,20 @@ TRANSACTION_NOW = "runsvc.transaction_now"
 _NOT_AN_OUTAGE_PG_CODES = frozenset({"57014"})
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
-    """An engine for ``url`` with the settings this service relies on."""
+def make_engine(url: str, *, max_connections: int = 20) -> Engine:
+    """An engine for ``url`` with the settings this service relies on.
+
+    It opens ``max_connections`` connections at most: half kept in the pool, the rest
+    opened under load and closed when returned (docs/capacity.md sizes it per process).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
+    kept = max(1, max_connections // 2)
     engine = create_engine(
         url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
+        pool_size=kept,
+        max_overflow=max(0, max_connections - kept),
         # No pre-ping: it runs before the watchdog can guard the connection and
         # would hang on a partition. A lost connection fails its one call and
         # invalidates the whole pool, so the next call connects afresh.

@@ -136,6 +136,11 @@ def test_workers_share_the_port_and_a_killed_one_is_restarted(
         handled_calls(scrape(port), "GetActive") for port in (metrics_port, metrics_port + 1)
     ]
     assert sum(per_process) == 16 and min(per_process) > 0, per_process
+    # The store is read for /metrics by the first process only, not once per process.
+    first, second = scrape(metrics_port), scrape(metrics_port + 1)
+    assert "runsvc_runs{" in first and "runsvc_store_up 1.0" in first
+    assert "runsvc_runs{" not in second and "runsvc_store_up" not in second
+    assert "grpc_server_handled_total{" in second  # its own figures, all the same
 
     os.kill(serving[1], signal.SIGKILL)
     exited = wait_for_log(
@@ -152,7 +157,7 @@ def test_workers_share_the_port_and_a_killed_one_is_restarted(
     assert restarted["worker"] == 1
     with BackendClient(server.address, token=issue("backend", "t1")) as backend:
         assert backend.get_active() is None
-    assert "runsvc_runs{" in scrape(metrics_port + 1)  # its metrics port is bound again
+    assert "grpc_server_handled_total{" in scrape(metrics_port + 1)  # its port is bound again
 
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=SHUTDOWN_TIMEOUT) == 0, server.stderr()

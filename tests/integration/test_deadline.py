@@ -20,7 +20,7 @@ def _timeout(conn: Connection) -> str:
 
 @pytest.mark.postgres
 def test_the_deadline_becomes_the_statement_timeout(postgres_url: str) -> None:
-    db = Database(make_engine(postgres_url, pool_size=1))
+    db = Database(make_engine(postgres_url, max_connections=2))
     try:
         assert db.run(_timeout) == "0"  # outside a call: no bound
         token = deadline.set(time.monotonic() + 2.0)
@@ -39,7 +39,7 @@ def test_the_deadline_becomes_the_statement_timeout(postgres_url: str) -> None:
 @pytest.mark.postgres
 def test_the_clock_read_with_the_bound_is_the_transactions_own(postgres_url: str) -> None:
     """The bound's round trip also reads now(); the clock reuses it in that transaction only."""
-    db = Database(make_engine(postgres_url, pool_size=1))  # one connection: reused each time
+    db = Database(make_engine(postgres_url, max_connections=2))  # one connection: reused each time
     clock = DatabaseClock()
 
     def readings(conn: Connection) -> tuple[datetime, datetime]:

@@ -29,7 +29,7 @@ def test_three_replicas_end_every_stale_run_once(postgres_url: str) -> None:
     db_url = postgres_url
     clock = FakeClock()
     policy = LivenessPolicy()
-    databases = [Database(make_engine(db_url, pool_size=4)) for _ in range(3)]
+    databases = [Database(make_engine(db_url, max_connections=8)) for _ in range(3)]
     replicas = [
         RunService(db=db, clock=clock, slots=StoreSlots(SlotLimits(default=3)), policy=policy)
         for db in databases

@@ -32,7 +32,7 @@ def proxied(postgres_url: str) -> Iterator[tuple[TcpProxy, RunService, FakeClock
     with TcpProxy(upstream=(url.host or "127.0.0.1", url.port or 5432)) as proxy:
         host, port = proxy.address.rsplit(":", 1)
         through = url.set(host=host, port=int(port)).render_as_string(hide_password=False)
-        db = Database(make_engine(through, pool_size=2))
+        db = Database(make_engine(through, max_connections=4))
         clock = FakeClock()
         service = RunService(
             db=db, clock=clock, slots=StoreSlots(SlotLimits(default=3)), policy=LivenessPolicy()
@@ -98,7 +98,7 @@ def test_a_fresh_replica_waits_out_the_threshold_before_judging(
     _running(service, "t1")
     clock.advance(60)
     # A second replica starting now has seen nothing yet.
-    db = Database(make_engine(postgres_url, pool_size=1))
+    db = Database(make_engine(postgres_url, max_connections=2))
     try:
         other = RunService(
             db=db, clock=clock, slots=StoreSlots(SlotLimits(default=3)), policy=LivenessPolicy()

@@ -36,7 +36,7 @@ def statements(db: Database) -> Iterator[list[str]]:
 @pytest.mark.postgres
 def test_a_read_of_one_run_within_a_call_is_two_statements(postgres_url: str) -> None:
     """The bound and the clock in one, the run and its job counts in the other."""
-    db = Database(make_engine(postgres_url, pool_size=2))
+    db = Database(make_engine(postgres_url, max_connections=4))
     service = RunService(
         db=db,
         clock=DatabaseClock(),

@@ -73,7 +73,7 @@ def run_threads(targets: Sequence[Callable[[], None]]) -> None:
 @pytest.fixture
 def databases(db_url: str) -> Iterator[list[Database]]:
     """One engine per replica on the same store."""
-    dbs = [Database(make_engine(db_url, pool_size=4)) for _ in range(REAPERS)]
+    dbs = [Database(make_engine(db_url, max_connections=8)) for _ in range(REAPERS)]
     yield dbs
     for db in dbs:
         db.dispose()
@@ -164,7 +164,7 @@ def test_replicas_reaping_at_once_take_disjoint_batches(
 ) -> None:
     _truncate(postgres_url)
     clock = FakeClock()
-    dbs = [Database(make_engine(postgres_url, pool_size=4)) for _ in range(REAPERS)]
+    dbs = [Database(make_engine(postgres_url, max_connections=8)) for _ in range(REAPERS)]
     # Every run goes silent at once: only the share of the work is under test here.
     services = trusting_replicas(dbs, clock, LivenessPolicy(breaker_share=1.0))
     try:
@@ -215,7 +215,7 @@ def test_replicas_reaping_at_once_take_disjoint_batches(
 def test_a_pass_skips_runs_another_replica_has_claimed(postgres_url: str) -> None:
     _truncate(postgres_url)
     clock = FakeClock()
-    dbs = [Database(make_engine(postgres_url, pool_size=2)) for _ in range(2)]
+    dbs = [Database(make_engine(postgres_url, max_connections=4)) for _ in range(2)]
     services = trusting_replicas(dbs, clock, LivenessPolicy(breaker_share=1.0))
     registry = CollectorRegistry()
     services[1].context.observer = MetricsObserver(registry, reap_interval_seconds=5)

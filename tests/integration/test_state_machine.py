@@ -56,7 +56,7 @@ def machine_for(new_url: Callable[[], str]) -> type[RuleBasedStateMachine]:
             self._start()
 
         def _start(self) -> None:
-            self.db = Database(make_engine(self.url, pool_size=2))
+            self.db = Database(make_engine(self.url, max_connections=4))
             # The breaker is off here: with two tenants it would hold most passes back.
             policy = replace(LivenessPolicy(), breaker_share=1.0)
             self.service = RunService(

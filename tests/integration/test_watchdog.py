@@ -21,7 +21,7 @@ def test_a_partitioned_call_fails_unavailable_before_its_deadline(postgres_url: 
     with TcpProxy(upstream=(url.host or "127.0.0.1", url.port or 5432)) as proxy:
         host, port = proxy.address.rsplit(":", 1)
         through = url.set(host=host, port=int(port)).render_as_string(hide_password=False)
-        db = Database(make_engine(through, pool_size=1))
+        db = Database(make_engine(through, max_connections=2))
         try:
             assert db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar()) == 1
             assert db.trust.since is None  # Context marks trust; a bare run only loses it
@@ -48,7 +48,7 @@ def test_dispose_ends_the_watchdog_thread(postgres_url: str) -> None:
     """A disposed Database leaves no thread behind (one per replica restart would pile up)."""
     before = {t.ident for t in threading.enumerate() if t.name == "runsvc-db-watchdog"}
     for _ in range(3):
-        db = Database(make_engine(postgres_url, pool_size=1))
+        db = Database(make_engine(postgres_url, max_connections=2))
         assert db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar()) == 1
         watchers = {t.ident for t in threading.enumerate() if t.name == "runsvc-db-watchdog"}
         assert len(watchers - before) == 1  # the transaction armed it
