@@ -198,6 +198,12 @@ def test_refusals_are_counted_by_kind(server: Server, stub: pb_grpc.RunServiceSt
         stub.GetActive(pb.GetActiveRequest())
     with pytest.raises(grpc.RpcError):
         stub.GetActive(pb.GetActiveRequest(), metadata=WORKER)
+    foreign = stub.CreateRun(
+        pb.CreateRunRequest(request_id="r2", jobs=ONE_JOB), metadata=token("backend", "t2")
+    ).run
+    with pytest.raises(grpc.RpcError):
+        stub.GetRun(pb.GetRunRequest(run_id=foreign.id), metadata=BACKEND)
+    # A run that exists nowhere (a typo) is answered alike but is no security event.
     with pytest.raises(grpc.RpcError):
         stub.GetRun(
             pb.GetRunRequest(run_id="00000000-0000-4000-8000-000000000000"), metadata=BACKEND
@@ -236,9 +242,12 @@ def test_log_lines_of_a_call_carry_its_request_id_and_tenant(
             pb.ForceCancelRequest(run_id=run.id),
             metadata=[*BACKEND, ("x-request-id", "req-42")],
         )
+        foreign = stub.CreateRun(
+            pb.CreateRunRequest(request_id="r2", jobs=ONE_JOB), metadata=token("backend", "t2")
+        ).run
         with pytest.raises(grpc.RpcError):
             stub.GetRun(
-                pb.GetRunRequest(run_id="00000000-0000-4000-8000-000000000000"),
+                pb.GetRunRequest(run_id=foreign.id),
                 metadata=[*BACKEND, ("x-request-id", "not a sane id!")],
             )
     finally:
