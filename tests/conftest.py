@@ -33,6 +33,11 @@ DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# For test servers: the per-tenant rate limits out of reach. A test's load must not depend
+# on how fast the machine sends it against a limit that test does not test; the tests of
+# the limits themselves set theirs.
+UNLIMITED_RATES = {name: (1e6, 1e6) for name in ("read", "write", "worker", "heartbeat")}
+
 BACKEND = Caller(subject="test-backend", role="backend")
 WORKER = Caller(subject="test-worker", role="worker")
 

@@ -14,6 +14,7 @@ from runsvc.server import Server, build
 from runsvc.settings import Settings
 from runsvc.store.engine import make_engine
 from runsvc.store.schema import metadata
+from tests.conftest import UNLIMITED_RATES
 
 SECRET = "client-tests-secret-long-enough-for-hs256"
 REAP_INTERVAL = 0.5
@@ -38,6 +39,7 @@ def running_server(
         jwt_secret=SECRET,
         grpc_max_workers=16,
         metrics_address="127.0.0.1:0",  # never the default port, which another server may hold
+        rate_limits=UNLIMITED_RATES,
     )
     server = Server(build(settings), secret=SECRET)
     server.start()

@@ -86,6 +86,9 @@ def start_replica(tmp_path: Path, url: str, name: str, address: str | None = Non
         "RUNSVC_STALE_AFTER_SECONDS": "3",
         "RUNSVC_REAP_INTERVAL_SECONDS": "0.5",
         "RUNSVC_GRPC_MAX_WORKERS": "8",
+        # The loops below read as fast as the machine goes until both replicas answered:
+        # limits this test does not test must not depend on that speed.
+        "RUNSVC_RATE_LIMITS": "read=100000:100000,write=100000:100000",
     }
     return spawn_server(env, data_dir, address, tmp_path / f"{name}-{time.monotonic_ns()}.stderr")
 
@@ -128,6 +131,7 @@ def test_calls_are_spread_and_fail_over_when_a_replica_is_killed(
                 assert time.monotonic() < deadline, "the reads did not reach both replicas"
                 for _ in range(10):
                     assert backend.get_run(run.id).state is RunState.RUNNING
+                time.sleep(0.05)
 
             a.process.kill()
             a.process.wait(timeout=10)

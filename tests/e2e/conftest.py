@@ -14,6 +14,7 @@ from runsvc import tokens
 from runsvc.server import Server, build
 from runsvc.settings import Settings
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
+from tests.conftest import UNLIMITED_RATES
 
 SECRET = "e2e-secret-that-is-long-enough-for-hs256-keys"
 STALE_AFTER = 1.5
@@ -32,6 +33,7 @@ def server(db_url: str, tmp_path: Path) -> Iterator[Server]:
         jwt_secret=SECRET,
         grpc_max_workers=16,
         metrics_address="127.0.0.1:0",
+        rate_limits=UNLIMITED_RATES,
     )
     running = Server(build(settings), secret=SECRET)
     running.start()

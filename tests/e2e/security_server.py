@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, select
 from runsvc.server import Server, build
 from runsvc.settings import Settings
 from runsvc.store.schema import audit_events, jobs, runs
+from tests.conftest import UNLIMITED_RATES
 from tests.keys import claims, ec_key, public_pem
 
 SECRET = "security-secret-that-is-long-enough-for-hs256"
@@ -57,6 +58,7 @@ def settings_for(db_url: str, tmp_path: Path, **overrides: Any) -> Settings:
         grpc_max_workers=8,
         audit_aggregate_seconds=0.2,
         metrics_address="127.0.0.1:0",  # never the default port, which another server may hold
+        rate_limits=UNLIMITED_RATES,
     )
     return replace(base, **overrides)
 

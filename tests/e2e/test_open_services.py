@@ -25,6 +25,7 @@ from runsvc.server import Server, build
 from runsvc.settings import Settings
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
+from tests.conftest import UNLIMITED_RATES
 from tests.e2e.conftest import SECRET, token, wait_for
 from tests.e2e.security_server import audit_rows
 
@@ -43,6 +44,7 @@ def running(db_url: str, tmp_path: Path, **overrides: Any) -> Iterator[Server]:
             "grpc_max_workers": 8,
             "grpc_open_streams": OPEN_STREAMS,
             "metrics_address": None,
+            "rate_limits": UNLIMITED_RATES,
             **overrides,
         }
     )
