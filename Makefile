@@ -16,7 +16,7 @@ PY_SOURCES += $(wildcard bench)
 
 VERSION := $(shell cat clients/runsvc_client/VERSION)
 
-.PHONY: dist image bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
+.PHONY: test-fast dist image bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -74,6 +74,9 @@ test: $(INSTALL_STAMP) $(NODE_STAMP) ## Services, proto-check, lint, then pytest
 	$(VENV_PY) tools/gen_proto.py --check
 	$(MAKE) --no-print-directory lint
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(INSTALL_STAMP) ## The unit tier only (a few seconds, no services), while editing
+	$(VENV_PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 run: $(RUN_STAMP) ## Install what serving needs, then serve on the embedded SQLite default
 	@$(VENV)/bin/runsvc serve
