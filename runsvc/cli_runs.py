@@ -217,6 +217,20 @@ def run_record(run: Any) -> dict[str, Any]:
 
 # --- the commands --------------------------------------------------------------------
 
+# The tenant of a command run with the locally minted admin token and no --tenant: on the
+# server's own host `runsvc runs create --jobs 10` then `runsvc runs active` just work.
+LOCAL_TENANT = "default"
+
+
+def tenant_of(args: argparse.Namespace) -> str:
+    """``--tenant``; else, when the CLI mints its own admin token, the local tenant."""
+    if args.tenant:
+        return str(args.tenant)
+    if args.token or os.environ.get("RUNSVC_TOKEN"):
+        return ""  # the token's own tenant
+    print(f"runsvc: no --tenant: acting for tenant {LOCAL_TENANT!r}", file=sys.stderr)
+    return LOCAL_TENANT
+
 
 def external_ids(args: argparse.Namespace) -> list[str]:
     """``--jobs N``: N generated ids; ``--csv FILE``: the first column of each row."""
@@ -242,7 +256,7 @@ def cmd_runs_create(args: argparse.Namespace) -> int:
     request = pb.CreateRunRequest(
         request_id=args.request_id or f"cli-{uuid.uuid4().hex}",
         jobs=[pb.JobSpec(external_id=e) for e in external_ids(args)],
-        tenant_id=args.tenant or "",
+        tenant_id=tenant_of(args),
     )
     emit(args, [run_record(call(args, "CreateRun", request).run)])
     return 0
@@ -251,7 +265,7 @@ def cmd_runs_create(args: argparse.Namespace) -> int:
 def cmd_runs_active(args: argparse.Namespace) -> int:
     from runsvc_client.v1 import run_service_pb2 as pb
 
-    answer = call(args, "GetActive", pb.GetActiveRequest(tenant_id=args.tenant or ""))
+    answer = call(args, "GetActive", pb.GetActiveRequest(tenant_id=tenant_of(args)))
     emit(args, [run_record(answer.run)])
     return 0
 

@@ -558,3 +558,16 @@ def test_runs_create_from_a_csv_file_and_the_stale_view(tmp_path: Path) -> None:
         ]
     finally:
         kill(server.process)
+
+
+def test_on_the_servers_host_create_then_active_work_as_typed(cli_server: ServerProcess) -> None:
+    """No token, no --tenant: the minted admin token acts for the local tenant, said so."""
+    created = cli_server.cli("runs", "create", "--jobs", "3", "--json")
+    assert created.returncode == 0, created.stderr
+    assert "acting for tenant 'default'" in created.stderr
+    run = json.loads(created.stdout)
+    assert (run["tenant_id"], run["jobs"]["total"], run["state"]) == ("default", 3, "PENDING")
+    active = cli_server.cli("runs", "active", "--json")
+    assert active.returncode == 0, active.stderr
+    assert json.loads(active.stdout)["id"] == run["id"]
+    assert cli_server.cli("force-cancel", str(run["number"])).returncode == 0
