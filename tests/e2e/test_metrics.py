@@ -19,6 +19,7 @@ from runsvc.settings import Settings
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 from tests import tools
+from tests.conftest import UNLIMITED_RATES
 from tests.e2e.conftest import SECRET, token, wait_for
 
 STALE_AFTER = 1.0
@@ -43,6 +44,7 @@ def server(db_url: str, tmp_path: Path) -> Iterator[Server]:
         startup_cleanup_after_seconds=3600,
         jwt_secret=SECRET,
         grpc_max_workers=8,
+        rate_limits=UNLIMITED_RATES,
     )
     running = Server(build(settings), secret=SECRET)
     running.start()

@@ -20,7 +20,7 @@ from runsvc.domain import HeldSlot
 from runsvc.server import Server, build
 from runsvc.settings import Settings
 from runsvc.store.schema import jobs, slot_releases
-from tests.conftest import BACKEND, _truncate
+from tests.conftest import BACKEND, UNLIMITED_RATES, _truncate
 from tests.e2e.slot_client import Tenant, tenant
 from tests.redis_process import RedisProcess
 
@@ -53,6 +53,8 @@ def serve(pg_url: str, redis_url: str, tmp_path: Path, **overrides: object) -> S
         "slot_reconcile_interval_seconds": 0.5,
         "slot_orphan_grace_seconds": 30.0,
         "metrics_address": "127.0.0.1:0",  # never the default port, which another server may hold
+        # The churn below calls as fast as the machine goes: no rate limit may answer it.
+        "rate_limits": UNLIMITED_RATES,
         **overrides,
     }
     server = Server(build(Settings(**values)), secret=SECRET)  # type: ignore[arg-type]

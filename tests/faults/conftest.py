@@ -24,7 +24,7 @@ from runsvc.store import check
 from runsvc.store.schema import audit_events, jobs, runs
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
-from tests.conftest import _truncate
+from tests.conftest import UNLIMITED_RATES, _truncate
 from tests.e2e.test_cli import (
     ServerProcess,
     clean_environ,
@@ -63,6 +63,8 @@ def start_server(
         "RUNSVC_REAP_INTERVAL_SECONDS": str(REAP_INTERVAL),
         "RUNSVC_TENANT_SLOTS": "5",
         "RUNSVC_GRPC_MAX_WORKERS": "8",
+        # Fault tests do not test the rate limits: no load of theirs may meet one.
+        "RUNSVC_RATE_LIMITS": ",".join(f"{name}=1000000:1000000" for name in UNLIMITED_RATES),
         **extra,
     }
     return spawn_server(env, data_dir, address, stderr_path)
