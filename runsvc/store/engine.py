@@ -42,6 +42,7 @@ _WATCHDOG_MARGIN = 0.05
 TRANSACTION_NOW = "runsvc.transaction_now"
 # query_canceled: the call's own deadline ran out; the database answered.
 _NOT_AN_OUTAGE_PG_CODES = frozenset({"57014"})
+OUTAGE_LOG_SECONDS = 5.0
 
 
 def make_engine(url: str, *, max_connections: int = 20) -> Engine:
@@ -137,6 +138,9 @@ class Database:
         self.watchdog = Watchdog()
         # Any failure to reach the database resets it; Context marks the regain.
         self.trust = TrustTracker()
+        # The driver's reason for an outage is logged at most this often (every call fails).
+        self._outage_logged_at = -OUTAGE_LOG_SECONDS
+        self._outages_unlogged = 0
 
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
@@ -189,7 +193,7 @@ class Database:
                         self.trust.failed()
                     # The driver's words (hosts, roles, databases) stay in this log:
                     # callers, browsers included, learn only that the store is down.
-                    log.warning("the store is unavailable", extra={"error": str(error.orig)})
+                    self._log_outage(error)
                     raise Unavailable("the store is unavailable") from error
                 raise
             except sa_exc.TimeoutError as error:
@@ -197,6 +201,18 @@ class Database:
                 self.trust.failed()
                 raise Unavailable("the store's connection pool is exhausted") from error
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _log_outage(self, error: sa_exc.DBAPIError) -> None:
+        now = time.monotonic()
+        if now - self._outage_logged_at < OUTAGE_LOG_SECONDS:
+            self._outages_unlogged += 1  # racy by one at worst: a count, not a guarantee
+            return
+        self._outage_logged_at = now
+        log.warning(
+            "the store is unavailable",
+            extra={"error": str(error.orig), "unlogged_since": self._outages_unlogged},
+        )
+        self._outages_unlogged = 0
 
     def dispose(self) -> None:
         self.watchdog.stop()
