@@ -355,11 +355,11 @@ def serve(settings: Settings, *, replica: Replica | None = None) -> int:
     if url.startswith("sqlite"):
         # The embedded default needs no separate step: bring its schema up to date.
         migrate.upgrade(url)
-    new_secret = not settings.jwt_secret and not settings.jwt_secret_file.exists()  # data folder
+    new_secret = not settings.jwt_secret and not settings.jwt_secret_file.exists()
     secret = jwt_secret(settings, create=True) if "HS256" in settings.jwt_algorithms else None
     if secret and not settings.jwt_secret:
         log.info(
-            "using the signing secret kept in the data folder",
+            "using the signing secret kept in a file",
             extra={"path": str(settings.jwt_secret_file), "new": new_secret},
         )
     server = Server(

@@ -22,7 +22,6 @@ from runsvc.errors import FieldViolation, InvalidArgument
 from runsvc.store.runs import PageCursor
 
 _SIGNATURE_BYTES = 16
-_REFUSED = InvalidArgument([FieldViolation("page_token", "is not a token returned by ListRuns")])
 
 
 def derive_key(secret: str) -> bytes:
@@ -55,4 +54,4 @@ class PageTokens:
 
 
 def _refused() -> InvalidArgument:
-    return InvalidArgument(list(_REFUSED.violations))
+    return InvalidArgument([FieldViolation("page_token", "is not a token returned by ListRuns")])
