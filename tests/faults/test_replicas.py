@@ -51,7 +51,8 @@ class BackendLoop:
 
     ``reader`` reads a workers' tenant (its active run, a page of runs, one run);
     ``writer`` creates runs of a tenant of its own and ends each at once, with
-    Cancel (retried) and ForceCancel (never retried by the client) in turn.
+    Cancel (retried) and ForceCancel (never retried by the client) in turn. A
+    ForceCancel that met a dying replica is repeated before the next run is created.
 
     The loop is paced by the clock, one cycle per ``CYCLE_SECONDS`` at most, so
     its rate is the same on a fast machine as on a slow one and stays under the
@@ -66,6 +67,7 @@ class BackendLoop:
     calls: int = 0
     cycles: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    unended: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
     def attempt(self, name: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -89,15 +91,25 @@ class BackendLoop:
         self.attempt("get_active", self.reader.get_active)
         self.attempt("get_run", self.reader.get_run, self.watched_run)
         self.attempt("list_runs", lambda: next(iter(self.reader.list_runs()), None))
+        self.cycles += 1
+        # As the web backend does: a run whose ending failed is ended again before the
+        # tenant may start another (its active run would refuse the next one).
+        if self.unended is not None:
+            if self.attempt("force_cancel", self.writer.force_cancel, self.unended) is None:
+                return
+            self.unended = None
         jobs = [JobSpec("c1")]
         created = self.attempt(
             "create_run", self.writer.create_run, jobs, request_id=f"loop-{self.cycles}"
         )
-        if created is not None and self.cycles % 2:
-            self.attempt("cancel", self.writer.cancel, created.id)
-        elif created is not None:
-            self.attempt("force_cancel", self.writer.force_cancel, created.id)
-        self.cycles += 1
+        if created is None:
+            return
+        if self.cycles % 2:
+            ended = self.attempt("cancel", self.writer.cancel, created.id)
+        else:
+            ended = self.attempt("force_cancel", self.writer.force_cancel, created.id)
+        if ended is None:
+            self.unended = created.id
 
 
 def terminal_audit_counts(store: Store) -> dict[str, int]:
