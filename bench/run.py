@@ -674,11 +674,12 @@ def measure(
                 server.stop()
                 bare.stop()
             if naive:
-                # The same server with one UPDATE per heartbeat: what group commit buys.
+                # The same server with batches of one (one UPDATE and one commit per
+                # heartbeat): what group commit buys.
                 naive_server = ServerProcess(
                     url,
                     workdir,
-                    extra_env={"RUNSVC_HEARTBEAT_GROUP_COMMIT": "false"},
+                    extra_env={"RUNSVC_HEARTBEAT_BATCH_MAX": "1"},
                     workers=workers,
                 )
                 try:

@@ -28,7 +28,7 @@ from runsvc.metrics.wiring import Metrics, build_metrics
 from runsvc.ratelimit import RateLimiter
 from runsvc.reaper import Reaper
 from runsvc.redisslots import sync as slot_sync
-from runsvc.service import GroupCommit, RunService
+from runsvc.service import RunService
 from runsvc.service.paging import derive_key
 from runsvc.service.security import SecurityAudit
 from runsvc.settings import Settings
@@ -112,7 +112,6 @@ def redis_slot_config(settings: Settings) -> slot_sync.RedisSlotConfig | None:
         reconcile_interval_seconds=settings.slot_reconcile_interval_seconds,
         relay_interval_seconds=settings.slot_relay_interval_seconds,
         relay_max_backoff_seconds=settings.slot_relay_max_backoff_seconds,
-        hold_releases_for_tests=settings.testonly_hold_slot_releases,
     )
 
 
@@ -153,7 +152,7 @@ def build(
         slots=slots,
         policy=settings.liveness(),
         observer=metrics.observer,
-        group_commit=group_commit(settings),
+        group_commit=settings.group_commit(),
         page_key=derive_key(secret) if secret else None,
     )
     return Components(
@@ -163,17 +162,6 @@ def build(
 
 def _ignore_denial(_kind: str) -> None:
     pass
-
-
-def group_commit(settings: Settings) -> GroupCommit | None:
-    """How heartbeats are batched; None writes each with its own statement."""
-    if not settings.heartbeat_group_commit:
-        return None
-    return GroupCommit(
-        max_batch=settings.heartbeat_batch_max,
-        max_delay=settings.heartbeat_batch_delay_seconds,
-        max_queue=settings.heartbeat_queue_max,
-    )
 
 
 class Server:

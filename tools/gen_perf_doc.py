@@ -10,13 +10,16 @@ writes the page, and ``--check`` (run by the tests) fails when the page and the 
 # ruff: noqa: RUF001  (the page writes ratios with the multiplication sign)
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tools.generated_page import write_or_check  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 PAGE = ROOT / "docs" / "performance.md"
 BARE = "bare Check@64"
@@ -155,18 +158,7 @@ def page(result: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if the page is out of date")
-    args = parser.parse_args()
-    text = page(json.loads(RESULTS.read_text()))
-    if args.check:
-        if not PAGE.is_file() or PAGE.read_text() != text:
-            print(f"{PAGE} is not what {RESULTS} gives: run tools/gen_perf_doc.py", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(text)
-    print(f"wrote {PAGE}")
-    return 0
+    return write_or_check(PAGE, page(json.loads(RESULTS.read_text())), str(RESULTS), __doc__)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,16 @@ RECONCILER_JOB = "slot_reconciler"
 
 @dataclass(frozen=True)
 class RedisSlotConfig:
+    """The Redis settings (runsvc/settings.py holds their defaults)."""
+
     url: str
-    key_prefix: str = "runsvc:"
-    timeout_seconds: float = 0.5
-    ttl_seconds: float = 120.0
-    orphan_grace_seconds: float = 10.0
-    reconcile_interval_seconds: float = 30.0
-    relay_interval_seconds: float = 1.0
-    relay_max_backoff_seconds: float = 5.0
-    hold_releases_for_tests: bool = False
+    key_prefix: str
+    timeout_seconds: float
+    ttl_seconds: float
+    orphan_grace_seconds: float
+    reconcile_interval_seconds: float
+    relay_interval_seconds: float
+    relay_max_backoff_seconds: float
 
 
 @dataclass
@@ -149,7 +150,6 @@ def build(db: Database, clock: Clock, limits: SlotLimits, config: RedisSlotConfi
         clock=clock,
         interval=config.relay_interval_seconds,
         max_backoff=config.relay_max_backoff_seconds,
-        hold=config.hold_releases_for_tests,
     )
     reconciler = Reconciler(
         db,

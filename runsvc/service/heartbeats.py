@@ -1,13 +1,14 @@
-"""Heartbeats: one guarded statement per call, or many calls per statement (group commit).
+"""Heartbeats: many calls per statement (group commit), a batch of one when alone.
 
 A heartbeat is the hot path: every live run sends one every few seconds.
-With group commit a call queues its touch and waits; one flusher thread
-takes what has queued (up to ``max_batch``, or whatever arrived within
-``max_delay`` of the oldest), writes it with one guarded statement in one
-transaction, and answers each waiting call only after that commit. Fencing
-is unchanged: a touch whose lease is not current matches nothing, and its
-call is refused exactly as the one-statement path refuses it. If the flush
-fails (the database is down), every call of the batch gets that error.
+A call queues its touch and waits; one flusher thread takes what has queued
+(up to ``max_batch``, or whatever arrived within ``max_delay`` of the
+oldest), writes it with one guarded statement in one transaction, and
+answers each waiting call only after that commit. Fencing holds per touch:
+a touch whose lease is not current matches nothing, and its call is refused
+with the reason read afterwards. If the flush fails (the database is down),
+every call of the batch gets that error. ``max_batch=1`` writes one
+statement per heartbeat (the benchmark's naive reference).
 
 The queue is bounded: when it is full a caller waits for room (back-pressure)
 and gives up with UNAVAILABLE after ``enqueue_timeout``. ``close`` refuses
@@ -27,7 +28,7 @@ from datetime import datetime
 from sqlalchemy import Connection
 
 from runsvc.errors import Unavailable
-from runsvc.service.context import Caller, Context, Notes
+from runsvc.service.context import Caller, Context
 from runsvc.store import runs as run_store
 
 log = logging.getLogger(__name__)
@@ -66,26 +67,18 @@ class Heartbeats:
 
     def __init__(self, ctx: Context, *, group_commit: GroupCommit | None = None) -> None:
         self._ctx = ctx
-        self._policy = group_commit
+        self._policy = group_commit or GroupCommit()
         self._queue: deque[_Waiting] = deque()
         self._arrived: deque[float] = deque()  # monotonic arrival time of each queued touch
         self._cond = threading.Condition()
         self._closing = False
-        self._flusher: threading.Thread | None = None
-        if group_commit is not None:
-            self._flusher = threading.Thread(
-                target=self._flush_forever, name="heartbeat-flusher", daemon=True
-            )
-            self._flusher.start()
-
-    @property
-    def group_commit(self) -> GroupCommit | None:
-        return self._policy
+        self._flusher = threading.Thread(
+            target=self._flush_forever, name="heartbeat-flusher", daemon=True
+        )
+        self._flusher.start()
 
     def record(self, touch: run_store.LeaseTouch, *, caller: Caller) -> Beat:
         """Write one heartbeat; return once it has committed, or raise why it was refused."""
-        if self._policy is None:
-            return self._record_alone(touch, caller=caller)
         waiting = self._enqueue(touch, self._policy)
         # The flusher answers every call it takes, even when its flush fails;
         # the bound only guards against a flusher that died.
@@ -121,38 +114,11 @@ class Heartbeats:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if self._flusher is not None:
-            self._flusher.join()
+        self._flusher.join()
 
-    # --- one statement per call ------------------------------------------
-
-    def _record_alone(self, touch: run_store.LeaseTouch, *, caller: Caller) -> Beat:
-        def work(conn: Connection, now: datetime, notes: Notes) -> Beat:
-            row = run_store.touch_lease(
-                conn,
-                touch.run_id,
-                tenant_id=touch.tenant_id,
-                worker=touch.worker,
-                lease_epoch=touch.lease_epoch,
-                now=now,
-            )
-            if row is None:
-                raise self._refusal(conn, touch)
-            touched = run_store.Touched(
-                row.id,
-                row.tenant_id,
-                bool(row.cancel_requested),
-                (touch.lease_epoch,),
-                touch.worker,
-            )
-            return Beat(touched, now)
-
-        beat = self._ctx.transact(work, caller=caller)
-        self._after_commit_safely([beat])
-        return beat
-
-    def _refusal(self, conn: Connection, touch: run_store.LeaseTouch) -> Exception:
-        return self._ctx.lease_miss(
+    def _refuse(self, conn: Connection, touch: run_store.LeaseTouch) -> Beat:
+        """Why a touch matched nothing (read after the batch committed), as the error."""
+        raise self._ctx.lease_miss(
             conn,
             touch.run_id,
             tenant_id=touch.tenant_id,
@@ -160,16 +126,11 @@ class Heartbeats:
             lease_epoch=touch.lease_epoch,
         )
 
-    def _refuse(self, conn: Connection, touch: run_store.LeaseTouch) -> Beat:
-        raise self._refusal(conn, touch)
-
     def _after_commit_safely(self, beats: Sequence[Beat]) -> None:
         try:
             self.after_commit(beats)
         except Exception:
             log.exception("after-commit work for heartbeats failed")
-
-    # --- group commit ------------------------------------------------------
 
     def _enqueue(self, touch: run_store.LeaseTouch, policy: GroupCommit) -> _Waiting:
         waiting = _Waiting(touch)
@@ -207,7 +168,6 @@ class Heartbeats:
             return batch
 
     def _flush_forever(self) -> None:
-        assert self._policy is not None
         while (batch := self._next_batch(self._policy)) is not None:
             self._flush(batch)
 

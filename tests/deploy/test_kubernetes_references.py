@@ -162,7 +162,7 @@ def test_every_config_map_named_is_defined_with_its_keys(objects: list[Manifest]
 
 
 def test_every_runsvc_variable_is_a_setting(objects: list[Manifest]) -> None:
-    known = set(settings_module._PARSERS) | set(READ_DIRECTLY)
+    known = set(settings_module.variables()) | set(READ_DIRECTLY)
     maps = config_maps(objects)
     used: set[str] = set()
     for container in containers(objects):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,12 +176,13 @@ def spawn_server(
     stderr_path: Path,
     *serve_args: str,
     timeout: float = STARTUP_TIMEOUT,
+    command: Sequence[str] | None = None,
 ) -> ServerProcess:
-    """``runsvc serve [serve_args]`` in a process of its own with ``env``, once it answers
-    SERVING (within ``timeout`` seconds)."""
+    """``runsvc serve [serve_args]`` (or ``command``) in a process of its own with ``env``,
+    once it answers SERVING (within ``timeout`` seconds)."""
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
-            [*runsvc_command(), "serve", *serve_args],
+            [*(command or [*runsvc_command(), "serve"]), *serve_args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

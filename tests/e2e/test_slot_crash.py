@@ -1,13 +1,14 @@
 """A server killed right after committing a finalization, before touching Redis.
 
-The first server process runs with the test-only setting that leaves every
-committed slot release in the outbox (RUNSVC_TESTONLY_HOLD_SLOT_RELEASES), so
-the kill lands exactly between the PostgreSQL commit and the Redis call. A
+The first server process is ``runsvc serve`` with a relay that leaves every
+committed slot release in the outbox (tests/support/serve_holding_releases.py),
+so the kill lands exactly between the PostgreSQL commit and the Redis call. A
 second process on the same database and Redis must apply that release once.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +36,9 @@ SECRET = "slot-crash-secret-that-is-long-enough-for-hs256"
 RELEASE_BOUND = 10.0
 
 
-def start(data_dir: Path, pg_url: str, redis_url: str, name: str, **extra: str) -> ServerProcess:
+def start(
+    data_dir: Path, pg_url: str, redis_url: str, name: str, command: list[str] | None = None
+) -> ServerProcess:
     data_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = data_dir / f"{name}.stderr"
     address = f"127.0.0.1:{free_port()}"
@@ -50,9 +53,8 @@ def start(data_dir: Path, pg_url: str, redis_url: str, name: str, **extra: str) 
         "RUNSVC_SLOT_RELAY_INTERVAL_SECONDS": "0.2",
         # Long enough that only the relay, never the reconciler, can remove the slots.
         "RUNSVC_SLOT_ORPHAN_GRACE_SECONDS": "300",
-        **extra,
     }
-    return spawn_server(env, data_dir, address, stderr_path)
+    return spawn_server(env, data_dir, address, stderr_path, command=command)
 
 
 def outbox(pg_url: str) -> int:
@@ -74,7 +76,7 @@ def test_release_committed_before_a_crash_is_applied_once_after_restart(
         postgres_url,
         redis_server.url,
         "first",
-        RUNSVC_TESTONLY_HOLD_SLOT_RELEASES="1",
+        command=[sys.executable, "-m", "tests.support.serve_holding_releases"],
     )
     second = None
     try:

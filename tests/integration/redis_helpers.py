@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 from sqlalchemy import func, select
@@ -10,8 +10,10 @@ from sqlalchemy import func, select
 from runsvc.clock import Clock
 from runsvc.domain import JobSpec, LivenessPolicy
 from runsvc.redisslots import sync as slot_sync
+from runsvc.server import redis_slot_config
 from runsvc.service import RunService
 from runsvc.service.worker import Acquired, Claim
+from runsvc.settings import Settings
 from runsvc.slots import SlotLimits
 from runsvc.store.engine import Database, make_engine
 from runsvc.store.schema import jobs, slot_releases
@@ -38,7 +40,10 @@ def replica(
     **config: object,
 ) -> Replica:
     db = Database(make_engine(db_url))
-    cfg = slot_sync.RedisSlotConfig(url=redis_url, key_prefix=prefix, **config)  # type: ignore[arg-type]
+    # The production defaults, with the test's changes.
+    defaults = redis_slot_config(Settings(redis_url=redis_url, redis_key_prefix=prefix))
+    assert defaults is not None
+    cfg = replace(defaults, **config)  # type: ignore[arg-type]
     sync = slot_sync.build(db, clock, limits, cfg)
     service = RunService(db=db, clock=clock, slots=sync.slots, policy=LivenessPolicy())
     return Replica(service, sync)

@@ -147,14 +147,14 @@ def replicas(db_url: str) -> Iterator[tuple[list[RunService], FakeClock]]:
     slots = StoreSlots(SlotLimits(default=5))
     policy = LivenessPolicy()
     databases = [Database(make_engine(db_url)) for _ in range(2)]
-    # Replica 1 writes heartbeats with group commit, replica 0 one statement per call.
+    # Replica 1 batches heartbeats, replica 0 writes one statement per heartbeat.
     services = [
         RunService(
             db=db,
             clock=clock,
             slots=slots,
             policy=policy,
-            group_commit=GroupCommit(max_delay=0.001) if i == 1 else None,
+            group_commit=GroupCommit(max_delay=0.001) if i == 1 else GroupCommit(max_batch=1),
         )
         for i, db in enumerate(databases)
     ]

@@ -267,7 +267,6 @@ def test_redis_slot_settings() -> None:
             "RUNSVC_SLOT_ORPHAN_GRACE_SECONDS": "5",
             "RUNSVC_SLOT_RECONCILE_INTERVAL_SECONDS": "15",
             "RUNSVC_SLOT_RELAY_MAX_BACKOFF_SECONDS": "3",
-            "RUNSVC_TESTONLY_HOLD_SLOT_RELEASES": "true",
         }
     )
     assert (loaded.redis_url, loaded.redis_key_prefix, loaded.slot_ttl_seconds) == (
@@ -275,8 +274,6 @@ def test_redis_slot_settings() -> None:
         "acme:",
         90.0,
     )
-    assert loaded.testonly_hold_slot_releases is True
-    assert settings.load({}).testonly_hold_slot_releases is False
 
 
 @pytest.mark.parametrize(
@@ -284,7 +281,6 @@ def test_redis_slot_settings() -> None:
     [
         ({"RUNSVC_REDIS_URL": "http://x"}, "RUNSVC_REDIS_URL=(hidden)"),
         ({"RUNSVC_REDIS_KEY_PREFIX": "a b"}, "RUNSVC_REDIS_KEY_PREFIX"),
-        ({"RUNSVC_TESTONLY_HOLD_SLOT_RELEASES": "maybe"}, "RUNSVC_TESTONLY_HOLD_SLOT_RELEASES"),
         (
             {"RUNSVC_REDIS_URL": "redis://h:1/0", "RUNSVC_SLOT_TTL_SECONDS": "30"},
             "RUNSVC_SLOT_TTL_SECONDS must be longer",
@@ -296,26 +292,18 @@ def test_bad_redis_slot_settings(env: dict[str, str], named: str) -> None:
         settings.load(env)
 
 
-def test_heartbeat_group_commit_settings() -> None:
-    from runsvc.server import group_commit
-
-    default = settings.load({})
-    assert default.heartbeat_group_commit is True
-    policy = group_commit(
-        settings.load(
-            {
-                "RUNSVC_HEARTBEAT_BATCH_MAX": "64",
-                "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS": "0",
-                "RUNSVC_HEARTBEAT_QUEUE_MAX": "100",
-            }
-        )
-    )
-    assert policy is not None
+def test_heartbeat_batch_settings() -> None:
+    policy = settings.load(
+        {
+            "RUNSVC_HEARTBEAT_BATCH_MAX": "64",
+            "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS": "0",
+            "RUNSVC_HEARTBEAT_QUEUE_MAX": "100",
+        }
+    ).group_commit()
     assert (policy.max_batch, policy.max_delay, policy.max_queue) == (64, 0.0, 100)
-    assert group_commit(settings.load({"RUNSVC_HEARTBEAT_GROUP_COMMIT": "false"})) is None
     with pytest.raises(SettingsError) as refused:
         settings.load(
-            {"RUNSVC_HEARTBEAT_GROUP_COMMIT": "maybe", "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS": "2"}
+            {"RUNSVC_HEARTBEAT_BATCH_MAX": "0", "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS": "2"}
         )
-    assert "RUNSVC_HEARTBEAT_GROUP_COMMIT='maybe': must be true or false" in str(refused.value)
+    assert "RUNSVC_HEARTBEAT_BATCH_MAX='0': must be a whole number" in str(refused.value)
     assert "RUNSVC_HEARTBEAT_BATCH_DELAY_SECONDS='2'" in str(refused.value)
