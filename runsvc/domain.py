@@ -123,6 +123,16 @@ def run_number(ref: str) -> int | None:
     return int(ref) if ref.isascii() and ref.isdigit() else None
 
 
+def holds_lease(worker: str | None, worker_id: str | None) -> bool:
+    """Whether the worker identity ``worker`` holds a lease taken as ``worker_id``: it is
+    that identity or one of its processes (``worker/…``). ``worker`` None: a caller not
+    bound to an identity, which any holder's lease answers. The store's SQL twin is
+    :func:`runsvc.store.runs.held_by`."""
+    if worker is None:
+        return True
+    return worker_id is not None and (worker_id == worker or worker_id.startswith(worker + "/"))
+
+
 @dataclass(frozen=True)
 class Run:
     id: str

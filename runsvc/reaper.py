@@ -30,7 +30,7 @@ from sqlalchemy import Connection
 
 from runsvc.domain import Event, StopReason
 from runsvc.errors import RunsvcError
-from runsvc.service.context import Caller, Context, Ended, Notes
+from runsvc.service.context import Caller, Context, Ended, Ending, Notes
 from runsvc.store import runs as run_store
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Reaper:
             if since is None:  # no trusted horizon now: judge nothing
                 return 0, []
             candidates = find(conn, since)
-            ended = self._ctx.end_silent(
+            ended = self._ctx.end_lost(
                 conn,
                 notes,
                 candidates,
@@ -186,19 +186,16 @@ class Reaper:
             candidates = run_store.find_unacknowledged_cancels(
                 conn, requested_before=before, limit=self._batch
             )
-            ended = self._ctx.end_runs(
-                conn,
-                notes,
-                [c.id for c in candidates],
-                tenant_id=None,
-                event=Event.LOST_WHILE_CANCELLING,
-                reason=StopReason.CANCEL_TIMEOUT,
-                now=now,
-                guard=run_store.Guard(cancel_requested_before=before),
+            ending = Ending(
+                Event.LOST_WHILE_CANCELLING,
+                StopReason.CANCEL_TIMEOUT,
+                run_store.Guard(cancel_requested_before=before),
                 tag="STALE_DETECTION",
-                caller=REAPER,
                 detected_by=detected_by,
+                caller=REAPER,
             )
+            run_ids = [c.id for c in candidates]
+            ended = self._ctx.end_runs(conn, notes, run_ids, ending, tenant_id=None, now=now)
             return len(candidates), ended
 
         claimed, ended = self._ctx.transact(work, caller=REAPER)

@@ -24,7 +24,7 @@ from runsvc.errors import (
     NoActiveRun,
     RunNotVisible,
 )
-from runsvc.service.context import Caller, Context, Notes
+from runsvc.service.context import Caller, Context, Ending, Notes
 from runsvc.service.paging import PageTokens
 from runsvc.slots import SlotRelease
 from runsvc.store import jobs as job_store
@@ -155,17 +155,18 @@ class BackendUseCases:
             return False
         if run.last_heartbeat_time is not None and run.last_heartbeat_time >= horizon:
             return False
-        ended = self._ctx.end_if_silent(
+        candidate = run_store.SilentRun(run.id, run.tenant_id, run.cancel_requested)
+        ended = self._ctx.end_lost(
             conn,
             notes,
-            run_store.SilentRun(run.id, run.tenant_id, run.cancel_requested),
+            [candidate],
             now=now,
             silent_since=horizon,
             reason=StopReason.HEARTBEAT_TIMEOUT,
             detected_by="read",
             caller=caller,
         )
-        return ended is not None
+        return bool(ended)
 
     def list_runs(
         self,
@@ -205,20 +206,16 @@ class BackendUseCases:
             for _ in range(_CANCEL_ATTEMPTS):
                 run = self._visible(conn, run_id, tenant_id)
                 if run.state is RunState.PENDING:
-                    self._ctx.end_run(
-                        conn,
-                        notes,
-                        run_id,
-                        tenant_id=tenant_id,
-                        event=Event.CANCEL_PENDING,
-                        reason=StopReason.CANCELLED_BY_USER,
-                        now=now,
-                        guard=run_store.Guard(),
+                    ending = Ending(
+                        Event.CANCEL_PENDING,
+                        StopReason.CANCELLED_BY_USER,
+                        run_store.Guard(),
                         tag="RUN_ENDED",
-                        caller=caller,
                         detected_by="cancel",
+                        caller=caller,
                         cancel_reason=reason or None,
                     )
+                    self._ctx.end_runs(conn, notes, [run_id], ending, tenant_id=tenant_id, now=now)
                 elif run.state is RunState.RUNNING and not run.cancel_requested:
                     run_store.request_cancel(
                         conn, run_id, tenant_id=tenant_id, reason=reason, now=now
@@ -246,23 +243,19 @@ class BackendUseCases:
 
         def work(conn: Connection, now: datetime, notes: Notes) -> ForceCancelled:
             run_id = self._resolve(conn, ref, tenant_id)
-            ended = self._ctx.end_run(
-                conn,
-                notes,
-                run_id,
-                tenant_id=tenant_id,
-                event=Event.FORCE_CANCEL,
-                reason=StopReason.FORCE_CANCELLED,
-                now=now,
-                guard=run_store.Guard(),
+            ending = Ending(
+                Event.FORCE_CANCEL,
+                StopReason.FORCE_CANCELLED,
+                run_store.Guard(),
                 tag="FORCE_CANCEL",
-                caller=caller,
                 detected_by="force_cancel",
+                caller=caller,
                 cancel_reason=reason or None,
             )
+            ended = self._ctx.end_runs(conn, notes, [run_id], ending, tenant_id=tenant_id, now=now)
             run = self._visible(conn, run_id, tenant_id)
-            if ended is not None:
-                return ForceCancelled(run, ended.failed_jobs, ended.released_slots, ended.release)
+            for one in ended:
+                return ForceCancelled(run, one.failed_jobs, one.released_slots, one.release)
             if run.state is RunState.CANCELLED:
                 return ForceCancelled(run, 0, 0)
             raise InvalidTransition(

@@ -24,6 +24,7 @@ from runsvc.domain import (
     RunState,
     StopReason,
     finalization_for_lost_run,
+    holds_lease,
 )
 from runsvc.errors import LeaseLost, RunNotVisible
 from runsvc.service.observer import NullObserver, Observer
@@ -35,11 +36,6 @@ from runsvc.store.engine import Database
 from runsvc.trust import Attempt
 
 T = TypeVar("T")
-
-
-def worker_owns(worker: str, worker_id: str) -> bool:
-    """``worker_id`` is the identity ``worker`` or one of its processes (``worker/…``)."""
-    return worker_id == worker or worker_id.startswith(worker + "/")
 
 
 audit_log = logging.getLogger("runsvc.audit")
@@ -87,6 +83,33 @@ class Caller:
     subject: str
     role: str
     worker: str | None = None
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How runs end: the transition and its reason, the guard the statement re-checks, and
+    for the audit trail its tag, what detected it and who asked. ``error`` (a failed run's)
+    and ``cancel_reason`` (kept if the run had none) are written with it."""
+
+    event: Event
+    reason: StopReason | None
+    guard: run_store.Guard
+    tag: str
+    detected_by: str
+    caller: Caller
+    error: str | None = None
+    cancel_reason: str | None = None
+
+
+def _ended_detail(ended: Ended, ending: Ending) -> dict[str, Any]:
+    return {
+        "state": ended.state.value,
+        "reason": ended.reason,
+        "detected_by": ending.detected_by,
+        "failed_jobs": ended.failed_jobs,
+        "released_slots": ended.released_slots,
+        "caller_role": ending.caller.role,
+    }
 
 
 class Context:
@@ -196,144 +219,6 @@ class Context:
             audit_log.info("no such run", extra={"audit": line})
         self.observer.audited(line)
 
-    def end_run(
-        self,
-        conn: Connection,
-        notes: Notes,
-        run_id: str,
-        *,
-        tenant_id: str | None,
-        event: Event,
-        reason: StopReason | None,
-        now: datetime,
-        guard: run_store.Guard,
-        tag: str,
-        caller: Caller,
-        detected_by: str,
-        error: str | None = None,
-        cancel_reason: str | None = None,
-    ) -> Ended | None:
-        """The one terminal transition of a run; None if its guard did not hold."""
-        row = run_store.finalize(
-            conn,
-            run_id,
-            tenant_id=tenant_id,
-            event=event,
-            reason=reason.value if reason else None,
-            now=now,
-            guard=guard,
-            error=error,
-            cancel_reason=cancel_reason,
-        )
-        if row is None:
-            return None
-        failed = job_store.fail_unfinished(
-            conn,
-            run_id,
-            tenant_id=row.tenant_id,
-            reason=(reason or StopReason.WORKER_FAILED).value,
-            now=now,
-        )
-        ended, audit_row = self._fan_out(
-            conn,
-            notes,
-            row,
-            failed,
-            reason=reason,
-            now=now,
-            tag=tag,
-            caller=caller,
-            detected_by=detected_by,
-        )
-        audit.record_many(conn, [audit_row], now=now)
-        return ended
-
-    def _fan_out(
-        self,
-        conn: Connection,
-        notes: Notes,
-        row: Any,
-        failed: job_store.FailedJobs,
-        *,
-        reason: StopReason | None,
-        now: datetime,
-        tag: str,
-        caller: Caller,
-        detected_by: str,
-    ) -> tuple[Ended, dict[str, Any]]:
-        """What follows a run's terminal statement: its slot release, its audit row, its log line.
-
-        Returns the ending and the audit row to write (callers write them in one statement).
-        """
-        release = self.release_slots(
-            conn,
-            notes,
-            tenant_id=row.tenant_id,
-            run_id=row.id,
-            slots=failed.freed,
-            cause=detected_by,
-            now=now,
-        )
-        ended = Ended(
-            row.id,
-            row.tenant_id,
-            RunState(row.state),
-            reason.value if reason else None,
-            failed.total,
-            failed.in_progress,
-            release,
-        )
-        detail = {
-            "state": ended.state.value,
-            "reason": ended.reason,
-            "detected_by": detected_by,
-            "failed_jobs": ended.failed_jobs,
-            "released_slots": ended.released_slots,
-            "caller_role": caller.role,
-        }
-        notes.add(message="run ended", tag=tag, run_id=row.id, tenant_id=row.tenant_id, **detail)
-        event = {
-            "tag": tag,
-            "action": RUN_ENDED,
-            "tenant_id": row.tenant_id,
-            "run_id": row.id,
-            "actor": caller.subject,
-            "detail": detail,
-        }
-        return ended, event
-
-    def end_if_silent(
-        self,
-        conn: Connection,
-        notes: Notes,
-        candidate: run_store.SilentRun,
-        *,
-        now: datetime,
-        silent_since: datetime,
-        reason: StopReason,
-        detected_by: str,
-        caller: Caller,
-    ) -> Ended | None:
-        """Finalize a run that lost its worker, if it is still silent (the guard re-checks)."""
-        outcome = finalization_for_lost_run(
-            cancel_requested=candidate.cancel_requested, reason=reason
-        )
-        return self.end_run(
-            conn,
-            notes,
-            candidate.id,
-            tenant_id=candidate.tenant_id,
-            event=outcome.event,
-            reason=outcome.reason,
-            now=now,
-            guard=run_store.Guard(
-                silent_since=silent_since, cancel_requested=candidate.cancel_requested
-            ),
-            tag="STALE_DETECTION",
-            caller=caller,
-            detected_by=detected_by,
-        )
-
     def lease_miss(
         self,
         conn: Connection,
@@ -350,11 +235,7 @@ class Context:
         ended) answers LEASE_LOST, so that its former holder stops.
         """
         run = run_store.get(conn, run_id, tenant_id=tenant_id)
-        if run is None or (
-            worker is not None
-            and run.worker_id is not None
-            and not worker_owns(worker, run.worker_id)
-        ):
+        if run is None or (run.worker_id is not None and not holds_lease(worker, run.worker_id)):
             return RunNotVisible(run_id=run_id, tenant_id=tenant_id)
         return LeaseLost(
             metadata={
@@ -370,61 +251,96 @@ class Context:
         conn: Connection,
         notes: Notes,
         run_ids: Sequence[str],
+        ending: Ending,
         *,
         tenant_id: str | None,
-        event: Event,
-        reason: StopReason | None,
         now: datetime,
-        guard: run_store.Guard,
-        tag: str,
-        caller: Caller,
-        detected_by: str,
     ) -> list[Ended]:
-        """:meth:`end_run` for many runs at once, with its very semantics.
+        """The one way runs end, one run or many: see the module docstring.
 
-        One guarded statement ends every run whose guard still holds; only
-        for the runs it returned, set-based statements in the same
-        transaction fail their unfinished jobs and write one audit row each
-        (the same tag, detail and log line as :meth:`end_run`).
+        One guarded statement ends every run whose guard still holds; only for
+        the runs it returned, set-based statements in the same transaction fail
+        their unfinished jobs, record their slots' release and write one audit
+        row each. The ended runs, by id.
         """
-        rows = run_store.finalize_many(
+        reason = ending.reason.value if ending.reason else None
+        rows = run_store.end(
             conn,
             run_ids,
             tenant_id=tenant_id,
-            event=event,
-            reason=reason.value if reason else None,
+            event=ending.event,
+            reason=reason,
             now=now,
-            guard=guard,
+            guard=ending.guard,
+            error=ending.error,
+            cancel_reason=ending.cancel_reason,
         )
         if not rows:
             return []
-        failed = job_store.fail_unfinished_many(
+        failed = job_store.fail_unfinished(
             conn,
             [row.id for row in rows],
             tenant_id=tenant_id,
-            reason=(reason or StopReason.WORKER_FAILED).value,
+            reason=reason or StopReason.WORKER_FAILED.value,
             now=now,
         )
         ended = []
         audit_rows: list[dict[str, Any]] = []
-        for row in sorted(rows, key=lambda r: r.id):
-            one, audit_row = self._fan_out(
-                conn,
-                notes,
-                row,
-                failed[row.id],
-                reason=reason,
-                now=now,
-                tag=tag,
-                caller=caller,
-                detected_by=detected_by,
-            )
+        for row in rows:
+            one = self._fan_out(conn, notes, row, failed[row.id], ending, now=now)
             ended.append(one)
-            audit_rows.append(audit_row)
+            audit_rows.append(
+                {
+                    "tag": ending.tag,
+                    "action": RUN_ENDED,
+                    "tenant_id": one.tenant_id,
+                    "run_id": one.run_id,
+                    "actor": ending.caller.subject,
+                    "detail": _ended_detail(one, ending),
+                }
+            )
         audit.record_many(conn, audit_rows, now=now)
         return ended
 
-    def end_silent(
+    def _fan_out(
+        self,
+        conn: Connection,
+        notes: Notes,
+        row: run_store.EndedRun,
+        failed: job_store.FailedJobs,
+        ending: Ending,
+        *,
+        now: datetime,
+    ) -> Ended:
+        """What follows a run's terminal statement: its slot release and its log line."""
+        release = self.release_slots(
+            conn,
+            notes,
+            tenant_id=row.tenant_id,
+            run_id=row.id,
+            slots=failed.freed,
+            cause=ending.detected_by,
+            now=now,
+        )
+        ended = Ended(
+            row.id,
+            row.tenant_id,
+            row.state,
+            ending.reason.value if ending.reason else None,
+            failed.total,
+            failed.in_progress,
+            release,
+        )
+        notes.add(
+            message="run ended",
+            tag=ending.tag,
+            run_id=row.id,
+            tenant_id=row.tenant_id,
+            **_ended_detail(ended, ending),
+        )
+        return ended
+
+    def end_lost(
         self,
         conn: Connection,
         notes: Notes,
@@ -436,24 +352,17 @@ class Context:
         detected_by: str,
         caller: Caller,
     ) -> list[Ended]:
-        """:meth:`end_if_silent` for many runs: one :meth:`end_runs` per kind of ending."""
+        """End runs that lost their worker, those still silent (the guard re-checks): one
+        :meth:`end_runs` per kind of ending (a pending cancel request ends CANCELLED)."""
         ended: list[Ended] = []
         for cancel_requested in (False, True):
             run_ids = [c.id for c in candidates if c.cancel_requested is cancel_requested]
             if not run_ids:
                 continue
             outcome = finalization_for_lost_run(cancel_requested=cancel_requested, reason=reason)
-            ended += self.end_runs(
-                conn,
-                notes,
-                run_ids,
-                tenant_id=None,
-                event=outcome.event,
-                reason=outcome.reason,
-                now=now,
-                guard=run_store.Guard(silent_since=silent_since, cancel_requested=cancel_requested),
-                tag="STALE_DETECTION",
-                caller=caller,
-                detected_by=detected_by,
+            guard = run_store.Guard(silent_since=silent_since, cancel_requested=cancel_requested)
+            ending = Ending(
+                outcome.event, outcome.reason, guard, "STALE_DETECTION", detected_by, caller
             )
+            ended += self.end_runs(conn, notes, run_ids, ending, tenant_id=None, now=now)
         return ended

@@ -106,7 +106,7 @@ class Heartbeats:
             self._ctx.slots.keep_alive(
                 tenant_id=beat.touched.tenant_id,
                 run_id=beat.touched.run_id,
-                lease_epoch=beat.touched.guards[0],
+                lease_epoch=beat.touched.lease_epoch,
             )
 
     def close(self) -> None:

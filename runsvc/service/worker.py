@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import NoReturn
 
 from sqlalchemy import Connection
 
@@ -23,6 +23,7 @@ from runsvc.domain import (
     Run,
     RunOutcome,
     StopReason,
+    holds_lease,
     target,
 )
 from runsvc.errors import (
@@ -33,7 +34,7 @@ from runsvc.errors import (
     PermissionDenied,
     RunNotVisible,
 )
-from runsvc.service.context import Caller, Context, Notes, worker_owns
+from runsvc.service.context import Caller, Context, Ending, Notes
 from runsvc.service.heartbeats import Heartbeats
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
@@ -99,7 +100,7 @@ class WorkerUseCases:
         check = Checker()
         check.identifier("worker_id", worker_id, max_length=self._limits.max_id_length)
         check.done()
-        if caller.worker is not None and not worker_owns(caller.worker, worker_id):
+        if not holds_lease(caller.worker, worker_id):
             raise PermissionDenied("the caller may not act as this worker")
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Claim | None:
@@ -108,14 +109,14 @@ class WorkerUseCases:
                 # The crashed incarnation's jobs have an unknown outcome: they
                 # fail as WORKER_LOST, and a late result from it is still kept.
                 freed = job_store.fail_in_progress(
-                    conn, resumed.id, tenant_id=resumed.tenant_id, now=now
+                    conn, [resumed.id], tenant_id=resumed.tenant_id, now=now
                 )
                 self._ctx.release_slots(
                     conn,
                     notes,
                     tenant_id=resumed.tenant_id,
                     run_id=resumed.id,
-                    slots=freed,
+                    slots=freed.get(resumed.id, []),
                     cause="resume",
                     now=now,
                 )
@@ -153,7 +154,7 @@ class WorkerUseCases:
         check.lease_epoch("lease_epoch", lease_epoch)
         return check
 
-    def _hold(
+    def _touch(
         self,
         conn: Connection,
         run_id: str,
@@ -161,21 +162,18 @@ class WorkerUseCases:
         lease_epoch: int,
         caller: Caller,
         now: datetime,
-    ) -> Any:
-        """Record a sign of life from the caller's lease, or raise why it is not held."""
-        row = run_store.touch_lease(
-            conn,
-            run_id,
-            tenant_id=tenant_id,
-            worker=caller.worker,
-            lease_epoch=lease_epoch,
-            now=now,
+    ) -> run_store.Touched | None:
+        """Record a sign of life from the caller's lease; None if it does not hold it."""
+        touch = run_store.LeaseTouch(run_id, tenant_id, lease_epoch, worker=caller.worker)
+        return next(iter(run_store.touch_leases(conn, [touch], now=now)), None)
+
+    def _lost(
+        self, conn: Connection, run_id: str, tenant_id: str | None, lease_epoch: int, caller: Caller
+    ) -> NoReturn:
+        """Raise why the caller's lease on the run is not held."""
+        raise self._ctx.lease_miss(
+            conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
         )
-        if row is None:
-            raise self._ctx.lease_miss(
-                conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
-            )
-        return row
 
     def heartbeat(
         self, *, tenant_id: str | None, run_id: str, lease_epoch: int, caller: Caller
@@ -210,7 +208,9 @@ class WorkerUseCases:
             )
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Acquired:
-            row = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
+            row = self._touch(conn, run_id, tenant_id, lease_epoch, caller, now) or self._lost(
+                conn, run_id, tenant_id, lease_epoch, caller
+            )
             if row.cancel_requested:
                 # A run being cancelled starts nothing new.
                 return Acquired([], self._ctx.slots.free(conn, tenant_id=row.tenant_id))
@@ -246,7 +246,9 @@ class WorkerUseCases:
         slots = self._ctx.slots
 
         def look(conn: Connection, now: datetime, notes: Notes) -> tuple[str, list[str]]:
-            row = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
+            row = self._touch(conn, run_id, tenant_id, lease_epoch, caller, now) or self._lost(
+                conn, run_id, tenant_id, lease_epoch, caller
+            )
             if row.cancel_requested:
                 # A run being cancelled starts nothing new.
                 return row.tenant_id, []
@@ -263,7 +265,9 @@ class WorkerUseCases:
         token = reservation.granted[0].token
 
         def take(conn: Connection, now: datetime, notes: Notes) -> Acquired:
-            row = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
+            row = self._touch(conn, run_id, tenant_id, lease_epoch, caller, now) or self._lost(
+                conn, run_id, tenant_id, lease_epoch, caller
+            )
             taken = []
             if not row.cancel_requested:
                 taken = job_store.take_reserved(
@@ -312,14 +316,7 @@ class WorkerUseCases:
         check.done()
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Reported:
-            row = run_store.touch_lease(
-                conn,
-                run_id,
-                tenant_id=tenant_id,
-                worker=caller.worker,
-                lease_epoch=lease_epoch,
-                now=now,
-            )
+            row = self._touch(conn, run_id, tenant_id, lease_epoch, caller, now)
             late = row is None
             if row is None:
                 miss = self._ctx.lease_miss(
@@ -410,25 +407,21 @@ class WorkerUseCases:
         event = FINISH_EVENTS[outcome]
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Run:
-            ended = self._ctx.end_run(
-                conn,
-                notes,
-                run_id,
-                tenant_id=tenant_id,
-                event=event,
-                reason=_FINISH_REASONS[outcome],
-                now=now,
-                guard=run_store.Guard(
+            ending = Ending(
+                event,
+                _FINISH_REASONS[outcome],
+                run_store.Guard(
                     lease_epoch=lease_epoch,
                     worker=caller.worker,
                     nothing_unfinished=outcome is RunOutcome.COMPLETED,
                 ),
                 tag="RUN_ENDED",
-                caller=caller,
                 detected_by="worker",
+                caller=caller,
                 error=error or None,
             )
-            if ended is None:
+            ended = self._ctx.end_runs(conn, notes, [run_id], ending, tenant_id=tenant_id, now=now)
+            if not ended:
                 miss = self._ctx.lease_miss(
                     conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
                 )
@@ -436,7 +429,7 @@ class WorkerUseCases:
                     raise miss  # missing, another tenant's, or held by another worker
             run = run_store.get(conn, run_id, tenant_id=tenant_id)
             assert run is not None
-            if ended is not None:
+            if ended:
                 return run
             # A retried FinishRun whose first answer was lost: the run already
             # ended as asked, one epoch on (finalizing bumps the epoch once).

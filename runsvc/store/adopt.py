@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, MetaData, Table, inspect, select, text
+from sqlalchemy import Connection, MetaData, Table, inspect, select
 
 from runsvc.domain import ACTIVE_STATES, JobState, RunState, StopReason
-from runsvc.store.engine import is_postgres
+from runsvc.store.dialects import dialect
 from runsvc.store.schema import RUN_NUMBER_SEQUENCE, jobs, runs
 
 SEED_RUNS = "outbound_call_runs"
@@ -306,16 +306,9 @@ def _refuse_taken_numbers(conn: Connection, numbers: Sequence[int]) -> None:
 
 
 def _number_new_runs_above(conn: Connection, numbers: Sequence[int]) -> None:
-    """On PostgreSQL, move the sequence past the adopted numbers (never back)."""
-    if not numbers or not is_postgres(conn):
-        return
-    conn.execute(
-        text(
-            f"SELECT setval('{RUN_NUMBER_SEQUENCE}', greatest(:top,"
-            f" (SELECT last_value FROM {RUN_NUMBER_SEQUENCE})))"
-        ),
-        {"top": max(numbers)},
-    )
+    """Move the run numbers' sequence past the adopted numbers (never back)."""
+    if numbers:
+        dialect(conn).move_sequence_past(conn, RUN_NUMBER_SEQUENCE, max(numbers))
 
 
 def _adopt_jobs(

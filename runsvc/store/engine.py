@@ -1,4 +1,4 @@
-"""Engines and transactions: the only place that knows SQLite from PostgreSQL.
+"""Engines and transactions (the statements that differ live in :mod:`runsvc.store.dialects`).
 
 SQLite (the embedded default) runs in WAL mode and opens every transaction
 with ``BEGIN IMMEDIATE`` so that writers queue on ``busy_timeout`` instead of
@@ -17,12 +17,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, FromClause, Select, create_engine, event
+from sqlalchemy import Connection, Engine, Select, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from runsvc import deadline
 from runsvc.errors import Unavailable
+from runsvc.store.dialects import TRANSACTION_NOW
 from runsvc.store.watchdog import Watchdog
 from runsvc.trust import TrustTracker
 
@@ -37,9 +38,6 @@ _MAX_ATTEMPTS = 8
 # How long before a call's deadline the watchdog cuts a connection that has not answered.
 _WATCHDOG_MARGIN = 0.05
 
-# Where a transaction that already read PostgreSQL's now() keeps it, in
-# ``Connection.info``, for the DatabaseClock.
-TRANSACTION_NOW = "runsvc.transaction_now"
 # query_canceled: the call's own deadline ran out; the database answered.
 _NOT_AN_OUTAGE_PG_CODES = frozenset({"57014"})
 OUTAGE_LOG_SECONDS = 5.0
@@ -102,23 +100,8 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-def is_postgres(conn_or_engine: Connection | Engine) -> bool:
-    return conn_or_engine.dialect.name == "postgresql"
-
-
-def claiming(conn: Connection, query: S, *, of: FromClause) -> S:
-    """``query`` locking the rows of ``of`` it reads until the transaction ends, skipping
-    rows another transaction holds: concurrent replicas take disjoint batches.
-
-    PostgreSQL: ``FOR UPDATE OF … SKIP LOCKED``. SQLite has no row locks and no
-    SKIP LOCKED; it needs none, since every transaction there begins IMMEDIATE
-    and so holds the database's one write lock from its first statement: a
-    transaction that reads candidates and ends them is alone (and the embedded
-    default is one process, with no other replica to share with).
-    """
-    if is_postgres(conn):
-        return query.with_for_update(skip_locked=True, of=of)
-    return query
+def _is_postgres(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
 
 
 def _retryable(error: sa_exc.DBAPIError) -> bool:
@@ -148,7 +131,7 @@ class Database:
         try:
             with self.engine.begin() as conn:
                 left = deadline.remaining()
-                if is_postgres(conn):
+                if _is_postgres(conn):
                     bound = self.bound_seconds if left is None else min(left, self.bound_seconds)
                     # The server's own timeout first; the watchdog a little later,
                     # still within the deadline, for when the server cannot answer.

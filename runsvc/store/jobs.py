@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Row, func, select, update
 
 from runsvc.domain import HeldSlot, Job, JobOutcome, JobSpec, JobState, StopReason
-from runsvc.store.engine import is_postgres
+from runsvc.store.dialects import dialect
 from runsvc.store.schema import jobs
 
 
@@ -138,8 +138,7 @@ def take_queued(
         .order_by(jobs.c.seq)
         .limit(limit)
     )
-    if is_postgres(conn):
-        next_ids = next_ids.with_for_update(skip_locked=True)
+    next_ids = dialect(conn).claiming(next_ids, of=jobs)
     # A CTE runs once; PostgreSQL may re-run an `IN (… LIMIT n)` subquery and
     # so take more than n rows.
     picked = next_ids.cte("picked")
@@ -167,41 +166,52 @@ class FailedJobs:
 
 
 def fail_in_progress(
-    conn: Connection, run_id: str, *, tenant_id: str, now: datetime
-) -> list[HeldSlot]:
-    """Jobs in progress under a lease that is gone fail as WORKER_LOST; their slots are returned.
+    conn: Connection, run_ids: Sequence[str], *, tenant_id: str | None, now: datetime
+) -> dict[str, list[HeldSlot]]:
+    """Jobs in progress under a lease that is gone fail as WORKER_LOST; their slots, by run.
 
     The worker may still have run them: its result is accepted later, marked
-    late, because the job keeps the ``lease_epoch`` that took it.
+    late, because the job keeps the ``lease_epoch`` that took it. In-progress
+    jobs are few (at most the tenants' slots) and their slots must be named for
+    release, so they come back row by row.
     """
-    rows = conn.execute(
+    freed: dict[str, list[HeldSlot]] = {}
+    for row in conn.execute(
         update(jobs)
-        .where(
-            jobs.c.run_id == run_id,
-            jobs.c.tenant_id == tenant_id,
-            jobs.c.state == JobState.IN_PROGRESS.value,
-        )
+        .where(*_of_runs(run_ids, tenant_id), jobs.c.state == JobState.IN_PROGRESS.value)
         .values(state=JobState.FAILED.value, stop_reason=StopReason.WORKER_LOST.value, ended_at=now)
         .returning(jobs.c.run_id, jobs.c.lease_epoch, jobs.c.id, jobs.c.slot_token)
-    ).all()
-    return [_slot_of(r) for r in rows]
+    ):
+        freed.setdefault(row.run_id, []).append(_slot_of(row))
+    return freed
 
 
 def fail_unfinished(
-    conn: Connection, run_id: str, *, tenant_id: str, reason: str, now: datetime
-) -> FailedJobs:
-    """When a run ends early: queued jobs fail with its reason, in-progress ones WORKER_LOST."""
-    freed = fail_in_progress(conn, run_id, tenant_id=tenant_id, now=now)
-    queued = conn.execute(
+    conn: Connection, run_ids: Sequence[str], *, tenant_id: str | None, reason: str, now: datetime
+) -> dict[str, FailedJobs]:
+    """When runs end early: queued jobs fail with their run's reason, in-progress ones
+    WORKER_LOST. Set-based, whatever the number of runs; the outcome of each run."""
+    if not run_ids:
+        return {}
+    freed = fail_in_progress(conn, run_ids, tenant_id=tenant_id, now=now)
+    queued = dialect(conn).count_changed(
+        conn,
         update(jobs)
-        .where(
-            jobs.c.run_id == run_id,
-            jobs.c.tenant_id == tenant_id,
-            jobs.c.state == JobState.QUEUED.value,
-        )
-        .values(state=JobState.FAILED.value, stop_reason=reason, ended_at=now)
-    ).rowcount
-    return FailedJobs(queued=queued, freed=freed)
+        .where(*_of_runs(run_ids, tenant_id), jobs.c.state == JobState.QUEUED.value)
+        .values(state=JobState.FAILED.value, stop_reason=reason, ended_at=now),
+        by=jobs.c.run_id,
+    )
+    return {
+        run_id: FailedJobs(queued=queued.get(run_id, 0), freed=freed.get(run_id, []))
+        for run_id in run_ids
+    }
+
+
+def _of_runs(run_ids: Sequence[str], tenant_id: str | None) -> list[ColumnElement[bool]]:
+    scope: list[ColumnElement[bool]] = [jobs.c.run_id.in_(sorted(set(run_ids)))]
+    if tenant_id is not None:
+        scope.append(jobs.c.tenant_id == tenant_id)
+    return scope
 
 
 @dataclass(frozen=True)
@@ -284,47 +294,3 @@ def list_for_run(conn: Connection, run_id: str, *, tenant_id: str) -> list[Job]:
         .order_by(jobs.c.seq)
     )
     return [_job_from_row(r) for r in rows]
-
-
-def _count_failed_by_run(conn: Connection, failing: Any) -> dict[str, int]:
-    """Run ``failing`` (an UPDATE of jobs) and count the jobs it changed, per run."""
-    if is_postgres(conn):
-        # Counted by the database: no row per job comes back.
-        done = failing.returning(jobs.c.run_id).cte("failed")
-        rows = conn.execute(select(done.c.run_id, func.count()).group_by(done.c.run_id))
-        return {run_id: count for run_id, count in rows}
-    counts: dict[str, int] = {}
-    for (run_id,) in conn.execute(failing.returning(jobs.c.run_id)):
-        counts[run_id] = counts.get(run_id, 0) + 1
-    return counts
-
-
-def fail_unfinished_many(
-    conn: Connection, run_ids: Sequence[str], *, tenant_id: str | None, reason: str, now: datetime
-) -> dict[str, FailedJobs]:
-    """:func:`fail_unfinished` for many ended runs at once, in two set-based statements."""
-    if not run_ids:
-        return {}
-    scope: list[ColumnElement[bool]] = [jobs.c.run_id.in_(sorted(set(run_ids)))]
-    if tenant_id is not None:
-        scope.append(jobs.c.tenant_id == tenant_id)
-    # In-progress jobs are few (at most the tenants' slots) and their slots
-    # must be named for release, so they come back row by row.
-    freed: dict[str, list[HeldSlot]] = {}
-    for row in conn.execute(
-        update(jobs)
-        .where(*scope, jobs.c.state == JobState.IN_PROGRESS.value)
-        .values(state=JobState.FAILED.value, stop_reason=StopReason.WORKER_LOST.value, ended_at=now)
-        .returning(jobs.c.run_id, jobs.c.lease_epoch, jobs.c.id, jobs.c.slot_token)
-    ):
-        freed.setdefault(row.run_id, []).append(_slot_of(row))
-    queued = _count_failed_by_run(
-        conn,
-        update(jobs)
-        .where(*scope, jobs.c.state == JobState.QUEUED.value)
-        .values(state=JobState.FAILED.value, stop_reason=reason, ended_at=now),
-    )
-    return {
-        run_id: FailedJobs(queued=queued.get(run_id, 0), freed=freed.get(run_id, []))
-        for run_id in run_ids
-    }

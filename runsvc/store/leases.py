@@ -12,10 +12,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import Connection, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from runsvc.store.engine import is_postgres
+from runsvc.store.dialects import dialect
 from runsvc.store.schema import leases
 
 
@@ -26,7 +24,7 @@ def take(conn: Connection, name: str, *, holder: str, now: datetime, until: date
     interval, however often a replica asks (a holder asks again only after a
     pass and an interval's wait, so it finds its own lease expired).
     """
-    upsert = (pg_insert if is_postgres(conn) else sqlite_insert)(leases)
+    upsert = dialect(conn).insert(leases)
     statement = (
         upsert.values(name=name, holder=holder, expires_at=until)
         .on_conflict_do_update(

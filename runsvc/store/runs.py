@@ -22,18 +22,14 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    cast,
-    column,
     func,
     literal,
     or_,
     select,
     true,
     update,
-    values,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import ARRAY
 
 from runsvc.domain import (
     ACTIVE_STATES,
@@ -42,11 +38,12 @@ from runsvc.domain import (
     JobState,
     Run,
     RunState,
+    holds_lease,
     run_number,
     sources,
     target,
 )
-from runsvc.store.engine import claiming, is_postgres
+from runsvc.store.dialects import dialect
 from runsvc.store.schema import jobs, runs
 
 # The seed's fallback: a run with no heartbeat is judged by its lock, then by its last update.
@@ -79,17 +76,13 @@ def _scoped(tenant_id: str | None) -> ColumnElement[bool]:
     return runs.c.tenant_id == tenant_id if tenant_id is not None else literal(True)
 
 
-def _held_by(worker: str | None) -> ColumnElement[bool]:
-    """The run's lease is held by ``worker`` or one of its processes (``worker/…``).
-
-    None means any holder: callers that are not bound to a worker identity.
-    """
-    if worker is None:
-        return literal(True)
-    prefix = worker + "/"
+def held_by(worker: str | ColumnElement[Any]) -> ColumnElement[bool]:
+    """SQL of :func:`runsvc.domain.holds_lease`: the run's lease is held by ``worker`` (a
+    value or a column) or one of its processes (``worker/…``)."""
+    name = literal(worker, String) if isinstance(worker, str) else worker
     return or_(
-        runs.c.worker_id == worker,
-        func.substr(runs.c.worker_id, 1, len(prefix)) == prefix,
+        runs.c.worker_id == name,
+        func.substr(runs.c.worker_id, 1, func.length(name) + 1) == name + "/",
     )
 
 
@@ -170,7 +163,7 @@ _COUNTS = (
 
 def _one_run(conn: Connection, *where: ColumnElement[bool]) -> Run | None:
     """The one run matching ``where``, with its job counts."""
-    if not is_postgres(conn):  # SQLite has no LATERAL: two statements
+    if not dialect(conn).lateral:  # two statements: the run, then its counts
         row = conn.execute(select(runs).where(*where)).one_or_none()
         return _with_counts(conn, [row])[0] if row is not None else None
     row = conn.execute(
@@ -280,7 +273,7 @@ def claim_pending(
         .order_by(runs.c.created_at, runs.c.id)
         .limit(1)
     )
-    oldest = claiming(conn, oldest, of=runs)
+    oldest = dialect(conn).claiming(oldest, of=runs)
     return conn.execute(
         update(runs)
         .where(runs.c.id == oldest.scalar_subquery(), _state_in(sources(Event.CLAIM)))
@@ -328,34 +321,6 @@ def resume_held(
     ).one_or_none()
 
 
-def touch_lease(
-    conn: Connection,
-    run_id: str,
-    *,
-    tenant_id: str | None,
-    worker: str | None,
-    lease_epoch: int,
-    now: datetime,
-) -> Row[Any] | None:
-    """Record a sign of life from the current lease holder; None if the lease is not current.
-
-    On PostgreSQL this also locks the run row until the transaction ends, which
-    serializes the lease holder's own concurrent calls (AcquireJobs above all).
-    """
-    return conn.execute(
-        update(runs)
-        .where(
-            runs.c.id == run_id,
-            _scoped(tenant_id),
-            _held_by(worker),
-            runs.c.lease_epoch == lease_epoch,
-            runs.c.state == RunState.RUNNING.value,
-        )
-        .values(last_heartbeat_at=now, updated_at=now)
-        .returning(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
-    ).one_or_none()
-
-
 def request_cancel(
     conn: Connection, run_id: str, *, tenant_id: str | None, reason: str, now: datetime
 ) -> bool:
@@ -389,10 +354,36 @@ class Guard:
     cancel_requested_before: datetime | None = None
     nothing_unfinished: bool = False  # no queued or in-progress job may remain
 
+    def conditions(self) -> list[ColumnElement[bool]]:
+        held: list[ColumnElement[bool]] = []
+        if self.lease_epoch is not None:
+            held.append(runs.c.lease_epoch == self.lease_epoch)
+        if self.worker is not None:
+            held.append(held_by(self.worker))
+        if self.silent_since is not None:
+            held.append(_silent_before(self.silent_since))
+        if self.cancel_requested is not None:
+            held.append(runs.c.cancel_requested.is_(self.cancel_requested))
+        if self.cancel_requested_before is not None:
+            held.append(runs.c.cancel_requested_at < self.cancel_requested_before)
+        if self.nothing_unfinished:
+            held.append(~_has_unfinished_jobs)
+        return held
 
-def finalize(
+
+@dataclass(frozen=True)
+class EndedRun:
+    """A run as its terminal statement left it."""
+
+    id: str
+    tenant_id: str
+    state: RunState
+    cancel_requested: bool
+
+
+def end(
     conn: Connection,
-    run_id: str,
+    run_ids: Sequence[str],
     *,
     tenant_id: str | None,
     event: Event,
@@ -401,28 +392,23 @@ def finalize(
     guard: Guard,
     error: str | None = None,
     cancel_reason: str | None = None,
-) -> Row[Any] | None:
-    """End a run: the one terminal transition. None when the guard did not hold.
+) -> list[EndedRun]:
+    """The one terminal transition, for one run or many: one guarded statement.
 
+    Ends every run whose state and guard still hold, and returns those, by id.
     Clears the lock fields and bumps the lease epoch, so that any later write
     of the old lease holder is refused.
     """
-    conditions = [runs.c.id == run_id, _scoped(tenant_id), _state_in(sources(event))]
-    if guard.lease_epoch is not None:
-        conditions.append(runs.c.lease_epoch == guard.lease_epoch)
-    if guard.worker is not None:
-        conditions.append(_held_by(guard.worker))
-    if guard.silent_since is not None:
-        conditions.append(last_sign_of_life < guard.silent_since)
-    if guard.cancel_requested is not None:
-        conditions.append(runs.c.cancel_requested.is_(guard.cancel_requested))
-    if guard.cancel_requested_before is not None:
-        conditions.append(runs.c.cancel_requested_at < guard.cancel_requested_before)
-    if guard.nothing_unfinished:
-        conditions.append(~_has_unfinished_jobs)
-    return conn.execute(
+    if not run_ids:
+        return []
+    rows = conn.execute(
         update(runs)
-        .where(*conditions)
+        .where(
+            runs.c.id.in_(sorted(set(run_ids))),
+            _scoped(tenant_id),
+            _state_in(sources(event)),
+            *guard.conditions(),
+        )
         .values(
             state=target(event).value,
             stop_reason=reason,
@@ -435,7 +421,9 @@ def finalize(
             cancel_reason=func.coalesce(runs.c.cancel_reason, cancel_reason),
         )
         .returning(runs.c.id, runs.c.tenant_id, runs.c.state, runs.c.cancel_requested)
-    ).one_or_none()
+    )
+    ended = [EndedRun(r.id, r.tenant_id, RunState(r.state), bool(r.cancel_requested)) for r in rows]
+    return sorted(ended, key=lambda r: r.id)
 
 
 @dataclass(frozen=True)
@@ -446,12 +434,12 @@ class SilentRun:
 
 
 def _claim(conn: Connection, query: Select[Any]) -> list[SilentRun]:
-    rows = conn.execute(claiming(conn, query, of=runs))
+    rows = conn.execute(dialect(conn).claiming(query, of=runs))
     return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
 
 
 # The finders below claim the runs they return for the rest of the transaction
-# (see :func:`runsvc.store.engine.claiming`): replicas reaping at once take
+# (see :meth:`runsvc.store.dialects.Dialect.claiming`): replicas reaping at once take
 # disjoint batches instead of all reading, then racing for, the same runs.
 
 
@@ -517,29 +505,24 @@ def find_silent_with_nothing_left(
 class LeaseTouch:
     """One heartbeat of a batch: the run, its caller's tenant scope, and the lease it claims.
 
-    ``tenant_id`` is the scope, as everywhere in the store (None: any tenant).
-    Every other field is a guard that must equal the run's column of the same
-    name; to guard on one more column, add a field here and its name and type
-    to ``_TOUCH_GUARDS``.
+    ``tenant_id`` is the scope, as everywhere in the store (None: any tenant);
+    ``worker`` the caller's worker identity (None: not bound to one).
     """
 
     run_id: str
     tenant_id: str | None
     lease_epoch: int
-    # The caller's worker identity: the run must be held by it or one of its
-    # processes ("worker/…"); None for callers not bound to an identity.
     worker: str | None = None
-
-
-_TOUCH_GUARDS: dict[str, type[BigInteger] | type[String]] = {"lease_epoch": BigInteger}
 
 
 @dataclass(frozen=True)
 class Touched:
+    """A run a touch reached, as its statement left it."""
+
     run_id: str
     tenant_id: str
     cancel_requested: bool
-    guards: tuple[Any, ...]  # the run's values of the _TOUCH_GUARDS columns
+    lease_epoch: int
     worker_id: str | None = None
 
     def answers(self, touch: LeaseTouch) -> bool:
@@ -548,140 +531,67 @@ class Touched:
         The row was RUNNING with these values when it was updated, so every
         touch of the batch that names them held its guard too.
         """
-        held = touch.worker is None or (
-            self.worker_id is not None
-            and (self.worker_id == touch.worker or self.worker_id.startswith(touch.worker + "/"))
-        )
         return (
             touch.run_id == self.run_id
             and touch.tenant_id in (None, self.tenant_id)
-            and held
-            and tuple(getattr(touch, name) for name in _TOUCH_GUARDS) == self.guards
+            and touch.lease_epoch == self.lease_epoch
+            and holds_lease(touch.worker, self.worker_id)
         )
 
 
-def _touch_source(conn: Connection, unique: Sequence[LeaseTouch]) -> tuple[Any, dict[str, Any]]:
-    """The touches as a table ``touch(run_id, tenant_id, <guards>)`` and its parameters.
+_TOUCH_COLUMNS = {
+    "run_id": String,
+    "tenant_id": String,
+    "worker": String,
+    "lease_epoch": BigInteger,
+}
 
-    PostgreSQL gets one array per column through ``unnest``: the statement's
-    text is the same for every batch, so it is compiled once and cached
-    (building a VALUES list anew costs more than the write). SQLite, which
-    has no arrays, gets a VALUES list in a CTE.
-    """
-    kinds: dict[str, Any] = {
-        "run_id": String,
-        "tenant_id": String,
-        "worker": String,
-        **_TOUCH_GUARDS,
-    }
-    rows = [
-        (t.run_id, t.tenant_id, t.worker, *(getattr(t, name) for name in _TOUCH_GUARDS))
-        for t in unique
-    ]
-    if is_postgres(conn):
-        arrays = {f"touch_{name}": [row[i] for row in rows] for i, name in enumerate(kinds)}
-        source = (
-            func.unnest(*(cast(bindparam(f"touch_{n}"), ARRAY(k)) for n, k in kinds.items()))
-            .table_valued(*kinds)
-            .render_derived(name="touch")
+
+def _touch_statement(touch: Any) -> Any:
+    """``UPDATE runs … FROM touch WHERE id, scope, holder and epoch match AND state = RUNNING
+    RETURNING …``: each run row is updated at most once, and a touch whose lease is not
+    current matches nothing."""
+    return (
+        update(runs)
+        .where(
+            runs.c.id == touch.c.run_id,
+            or_(touch.c.tenant_id.is_(None), runs.c.tenant_id == touch.c.tenant_id),
+            or_(touch.c.worker.is_(None), held_by(touch.c.worker)),
+            runs.c.lease_epoch == touch.c.lease_epoch,
+            runs.c.state == RunState.RUNNING.value,
         )
-        return source, arrays
-    given = values(*(column(name, kind) for name, kind in kinds.items()), name="touch")
-    # A CTE rather than FROM (VALUES …) AS v(…): SQLite takes only this form.
-    return given.data(rows).cte("touch"), {}
+        .values(last_heartbeat_at=bindparam("touched_at"), updated_at=bindparam("touched_at"))
+        .returning(
+            runs.c.id,
+            runs.c.tenant_id,
+            runs.c.cancel_requested,
+            runs.c.lease_epoch,
+            runs.c.worker_id,
+        )
+    )
 
 
 def touch_leases(
     conn: Connection, touches: Sequence[LeaseTouch], *, now: datetime
 ) -> list[Touched]:
-    """:func:`touch_lease` for many runs in one guarded statement (group commit).
+    """Record a sign of life from each current lease holder, one statement for all.
 
-    ``UPDATE runs … FROM unnest(…) | (VALUES …) WHERE id, scope, guards match
-    AND state = RUNNING RETURNING …``: each run row is updated at most once, and a touch
-    whose lease is not current matches nothing. The rows come back in no
-    particular order; :meth:`Touched.answers` pairs them with the touches.
-    The tenant scope rides in each row of the touches, like the guards.
+    The rows come back in no particular order; :meth:`Touched.answers` pairs them
+    with the touches. On PostgreSQL the runs stay locked until the transaction
+    ends, which serializes a lease holder's own concurrent calls.
     """
     if not touches:
         return []
     # Sorted and distinct: runs are locked in one order by every batch.
     unique = sorted(set(touches), key=lambda t: (t.run_id, t.tenant_id or "", t.worker or ""))
-    touch, params = _touch_source(conn, unique)
-    rows = conn.execute(
-        update(runs)
-        .where(
-            runs.c.id == touch.c.run_id,
-            or_(touch.c.tenant_id.is_(None), runs.c.tenant_id == touch.c.tenant_id),
-            or_(
-                touch.c.worker.is_(None),
-                runs.c.worker_id == touch.c.worker,
-                func.substr(runs.c.worker_id, 1, func.length(touch.c.worker) + 1)
-                == touch.c.worker + "/",
-            ),
-            *(runs.c[name] == touch.c[name] for name in _TOUCH_GUARDS),
-            runs.c.state == RunState.RUNNING.value,
-        )
-        .values(last_heartbeat_at=now, updated_at=now)
-        .returning(
-            runs.c.id,
-            runs.c.tenant_id,
-            runs.c.cancel_requested,
-            runs.c.worker_id,
-            *(runs.c[name] for name in _TOUCH_GUARDS),
-        ),
-        params,
-    ).all()
+    statement, params = dialect(conn).with_rows(
+        "touch",
+        _TOUCH_COLUMNS,
+        [(t.run_id, t.tenant_id, t.worker, t.lease_epoch) for t in unique],
+        _touch_statement,
+    )
+    rows = conn.execute(statement, {**params, "touched_at": now})
     return [
-        Touched(
-            r.id,
-            r.tenant_id,
-            bool(r.cancel_requested),
-            tuple(r._mapping[name] for name in _TOUCH_GUARDS),
-            r.worker_id,
-        )
+        Touched(r.id, r.tenant_id, bool(r.cancel_requested), r.lease_epoch, r.worker_id)
         for r in rows
     ]
-
-
-def finalize_many(
-    conn: Connection,
-    run_ids: Sequence[str],
-    *,
-    tenant_id: str | None,
-    event: Event,
-    reason: str | None,
-    now: datetime,
-    guard: Guard,
-) -> list[Row[Any]]:
-    """:func:`finalize` for many runs in one guarded statement; the rows it ended.
-
-    For fleet-wide finalizations (the reaper): the guard may re-check silence
-    and the cancel request, never a lease (no caller holds one here).
-    """
-    if guard.lease_epoch is not None or guard.nothing_unfinished:
-        raise ValueError("finalize_many takes no lease or unfinished-jobs guard")
-    if not run_ids:
-        return []
-    conditions = [runs.c.id.in_(sorted(set(run_ids))), _scoped(tenant_id)]
-    conditions.append(_state_in(sources(event)))
-    if guard.silent_since is not None:
-        conditions.append(_silent_before(guard.silent_since))
-    if guard.cancel_requested is not None:
-        conditions.append(runs.c.cancel_requested.is_(guard.cancel_requested))
-    if guard.cancel_requested_before is not None:
-        conditions.append(runs.c.cancel_requested_at < guard.cancel_requested_before)
-    return conn.execute(
-        update(runs)
-        .where(*conditions)
-        .values(
-            state=target(event).value,
-            stop_reason=reason,
-            error=None,
-            ended_at=now,
-            updated_at=now,
-            worker_id=None,
-            lock_ts=None,
-            lease_epoch=runs.c.lease_epoch + 1,
-        )
-        .returning(runs.c.id, runs.c.tenant_id, runs.c.state, runs.c.cancel_requested)
-    ).all()  # type: ignore[return-value]

@@ -26,7 +26,7 @@ from sqlalchemy import (
     update,
 )
 
-from runsvc.store.engine import claiming
+from runsvc.store.dialects import dialect
 from runsvc.store.schema import slot_releases
 
 
@@ -95,7 +95,9 @@ def claim(
     chosen = select(slot_releases.c.id).where(_scoped(tenant_id), free)
     if ids is not None:
         chosen = chosen.where(slot_releases.c.id.in_(ids))
-    chosen = claiming(conn, chosen.order_by(slot_releases.c.id).limit(limit), of=slot_releases)
+    chosen = dialect(conn).claiming(
+        chosen.order_by(slot_releases.c.id).limit(limit), of=slot_releases
+    )
     rows = conn.execute(
         update(slot_releases)
         .where(slot_releases.c.id.in_(chosen), free)

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Float, and_, case, cast, func, select
 
 from runsvc.domain import ACTIVE_STATES, RunState
-from runsvc.store.engine import is_postgres
+from runsvc.store.dialects import dialect
 from runsvc.store.runs import last_sign_of_life
 from runsvc.store.schema import runs
 
@@ -45,14 +45,6 @@ def runs_by_state(conn: Connection) -> dict[str, int]:
     return counts
 
 
-def _epoch_seconds(conn: Connection) -> ColumnElement[Any]:
-    """Seconds since the epoch of the last sign of life, in the engine's own arithmetic."""
-    if is_postgres(conn):
-        return func.extract("epoch", last_sign_of_life)
-    # SQLite keeps UTC text; julianday() reads it.
-    return (func.julianday(last_sign_of_life) - 2440587.5) * 86400.0
-
-
 def live_runs(
     conn: Connection,
     *,
@@ -72,7 +64,9 @@ def live_runs(
         count_if().label("running"),
         count_if(last_sign_of_life < now - stale_after).label("stale"),
         func.min(case((running, last_sign_of_life))).label("oldest"),
-        func.sum(case((running, cast(_epoch_seconds(conn), Float)))).label("epoch_sum"),
+        func.sum(
+            case((running, cast(dialect(conn).epoch_seconds(last_sign_of_life), Float)))
+        ).label("epoch_sum"),
         func.coalesce(
             func.sum(
                 case(

@@ -1,4 +1,4 @@
-"""Ending runs in batches (the reaper) leaves exactly what ending them one by one leaves."""
+"""Ending runs in batches (the reaper) leaves exactly what ending them in lists of one leaves."""
 
 from __future__ import annotations
 
@@ -79,23 +79,24 @@ def test_a_batch_ends_runs_exactly_as_one_by_one(service: RunService, clock: Fak
         tenant = ("a" if run_id == pairs[flag][0] else "b") + str(flag)
         return run_store.SilentRun(run_id, tenant, flag)
 
-    def one_by_one(conn: Connection, now: Any, notes: Notes) -> list[Ended | None]:
+    def one_by_one(conn: Connection, now: Any, notes: Notes) -> list[Ended]:
         return [
-            ctx.end_if_silent(
+            ended
+            for flag in (False, True)
+            for ended in ctx.end_lost(
                 conn,
                 notes,
-                candidate(pairs[flag][0], flag),
+                [candidate(pairs[flag][0], flag)],
                 now=now,
                 silent_since=horizon,
                 reason=StopReason.HEARTBEAT_TIMEOUT,
                 detected_by="reaper",
                 caller=REAPER,
             )
-            for flag in (False, True)
         ]
 
     def batched(conn: Connection, now: Any, notes: Notes) -> list[Ended]:
-        return ctx.end_silent(
+        return ctx.end_lost(
             conn,
             notes,
             [candidate(pairs[flag][1], flag) for flag in (False, True)],
@@ -110,7 +111,7 @@ def test_a_batch_ends_runs_exactly_as_one_by_one(service: RunService, clock: Fak
     many = ctx.transact(batched, caller=REAPER)
 
     assert sorted((e.state, e.reason, e.failed_jobs, e.released_slots) for e in many) == sorted(
-        (e.state, e.reason, e.failed_jobs, e.released_slots) for e in singles if e is not None
+        (e.state, e.reason, e.failed_jobs, e.released_slots) for e in singles
     )
     for flag in (False, True):
         alone, together = (snapshot(service, run_id) for run_id in pairs[flag])
@@ -136,7 +137,7 @@ def test_a_run_that_spoke_up_after_the_read_is_not_ended(
     service.worker.heartbeat(tenant_id="t2", run_id=lively, lease_epoch=1, caller=WORKER)
 
     ended = service.context.transact(
-        lambda conn, now, notes: service.context.end_silent(
+        lambda conn, now, notes: service.context.end_lost(
             conn,
             notes,
             found + found,  # a run named twice still ends once
