@@ -29,6 +29,7 @@ from runsvc.ratelimit import RateLimiter
 from runsvc.reaper import Reaper
 from runsvc.redisslots import sync as slot_sync
 from runsvc.service import RunService
+from runsvc.service.acquire import TakeReserved
 from runsvc.service.paging import derive_key
 from runsvc.service.security import SecurityAudit
 from runsvc.settings import Settings
@@ -153,6 +154,7 @@ def build(
         policy=settings.liveness(),
         observer=metrics.observer,
         group_commit=settings.group_commit(),
+        taking=TakeReserved(sync.slots) if sync else None,
         page_key=derive_key(secret) if secret else None,
     )
     return Components(

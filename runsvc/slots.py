@@ -2,15 +2,14 @@
 
 The seam every slot backend fills. The store-backed backend here is the
 embedded default and needs no other service: a job in progress *is* its slot,
-so granting counts the tenant's in-progress jobs and releasing happens by
-the same statement that moves a job out of progress. It is race-free because
-a tenant has at most one active run and AcquireJobs holds that run's row lock
-(PostgreSQL) or the database write lock (SQLite) while it counts and takes.
+so the free slots are the limit less the tenant's in-progress jobs, and
+releasing happens by the same statement that moves a job out of progress.
 
-A backend that keeps slots outside the database (``runsvc.redisslots``)
-``reserves_ahead``: AcquireJobs reserves slots before its transaction and
+A backend that keeps slots outside the database (``runsvc.redisslots``) is
+:class:`ReservedSlots`: AcquireJobs reserves slots before its transaction and
 gives back what the transaction did not use, and every move of a job out of
 progress records a release in the same transaction, applied after commit.
+How AcquireJobs takes jobs with each is chosen at wiring (runsvc.service.acquire).
 """
 
 from __future__ import annotations
@@ -25,7 +24,15 @@ from sqlalchemy import Connection
 from runsvc.domain import HeldSlot
 from runsvc.store import jobs as job_store
 
-__all__ = ["HeldSlot", "Reservation", "SlotLimits", "SlotRelease", "Slots", "StoreSlots"]
+__all__ = [
+    "HeldSlot",
+    "Reservation",
+    "ReservedSlots",
+    "SlotLimits",
+    "SlotRelease",
+    "Slots",
+    "StoreSlots",
+]
 
 
 @dataclass(frozen=True)
@@ -55,24 +62,10 @@ class SlotRelease:
 
 
 class Slots(Protocol):
-    reserves_ahead: bool
-
-    def grant(self, conn: Connection, *, tenant_id: str, wanted: int) -> int:
-        """How many of ``wanted`` jobs the tenant may start now (inside the transaction)."""
-        ...
+    limits: SlotLimits
 
     def free(self, conn: Connection, *, tenant_id: str) -> int:
         """The tenant's free slots now, as far as the transaction can tell."""
-        ...
-
-    def reserve(
-        self, *, tenant_id: str, run_id: str, lease_epoch: int, job_ids: Sequence[str]
-    ) -> Reservation:
-        """Take slots for these jobs before the transaction (never inside one)."""
-        ...
-
-    def give_back(self, *, tenant_id: str, slots: Sequence[HeldSlot]) -> None:
-        """Return reserved slots no transaction used; best effort, outside any transaction."""
         ...
 
     def record_release(
@@ -97,28 +90,32 @@ class Slots(Protocol):
         ...
 
 
-class StoreSlots:
-    reserves_ahead = False
+class ReservedSlots(Slots, Protocol):
+    def reserve(
+        self, *, tenant_id: str, run_id: str, lease_epoch: int, job_ids: Sequence[str]
+    ) -> Reservation:
+        """Take slots for these jobs before the transaction (never inside one)."""
+        ...
 
+    def give_back(self, *, tenant_id: str, slots: Sequence[HeldSlot]) -> None:
+        """Return reserved slots no transaction used; best effort, outside any transaction."""
+        ...
+
+
+def free_by_the_store(conn: Connection, limits: SlotLimits, tenant_id: str) -> int:
+    """The limit less the tenant's jobs in progress: the database's truth."""
+    in_use = job_store.count_in_progress(conn, tenant_id=tenant_id)
+    return max(0, limits.limit(tenant_id) - in_use)
+
+
+class StoreSlots:
     def __init__(self, limits: SlotLimits) -> None:
         self.limits = limits
 
     def free(self, conn: Connection, *, tenant_id: str) -> int:
-        in_use = job_store.count_in_progress(conn, tenant_id=tenant_id)
-        return max(0, self.limits.limit(tenant_id) - in_use)
-
-    def grant(self, conn: Connection, *, tenant_id: str, wanted: int) -> int:
-        return min(wanted, self.free(conn, tenant_id=tenant_id))
+        return free_by_the_store(conn, self.limits, tenant_id)
 
     # A job in progress is its own slot: nothing to reserve, release or refresh.
-
-    def reserve(
-        self, *, tenant_id: str, run_id: str, lease_epoch: int, job_ids: Sequence[str]
-    ) -> Reservation:
-        raise NotImplementedError("store slots are granted inside the transaction")
-
-    def give_back(self, *, tenant_id: str, slots: Sequence[HeldSlot]) -> None:
-        return None
 
     def record_release(
         self,

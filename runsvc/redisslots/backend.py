@@ -26,8 +26,7 @@ from runsvc.domain import HeldSlot
 from runsvc.errors import Unavailable
 from runsvc.redisslots import scripts
 from runsvc.redisslots.metrics import SlotMetrics
-from runsvc.slots import Reservation, SlotLimits, SlotRelease
-from runsvc.store import jobs as job_store
+from runsvc.slots import Reservation, SlotLimits, SlotRelease, free_by_the_store
 from runsvc.store import slot_releases
 
 log = logging.getLogger(__name__)
@@ -164,8 +163,6 @@ class RedisSlotStore:
 class RedisSlots:
     """Slots in Redis, reserved ahead of the transaction; see the module docstring."""
 
-    reserves_ahead = True
-
     def __init__(
         self,
         store: RedisSlotStore,
@@ -185,11 +182,7 @@ class RedisSlots:
 
     def free(self, conn: Connection, *, tenant_id: str) -> int:
         # By the truth: what PostgreSQL holds in progress.
-        in_use = job_store.count_in_progress(conn, tenant_id=tenant_id)
-        return max(0, self.limits.limit(tenant_id) - in_use)
-
-    def grant(self, conn: Connection, *, tenant_id: str, wanted: int) -> int:
-        return min(wanted, self.free(conn, tenant_id=tenant_id))
+        return free_by_the_store(conn, self.limits, tenant_id)
 
     def reserve(
         self, *, tenant_id: str, run_id: str, lease_epoch: int, job_ids: Sequence[str]

@@ -18,7 +18,6 @@ from sqlalchemy import Connection
 from runsvc.domain import (
     FINISH_EVENTS,
     HeldSlot,
-    Job,
     JobResult,
     Run,
     RunOutcome,
@@ -34,6 +33,7 @@ from runsvc.errors import (
     PermissionDenied,
     RunNotVisible,
 )
+from runsvc.service.acquire import Acquired, JobTaking, Wanted
 from runsvc.service.context import Caller, Context, Ending, Notes
 from runsvc.service.heartbeats import Heartbeats
 from runsvc.store import jobs as job_store
@@ -56,12 +56,6 @@ class Claim:
 class HeartbeatAck:
     cancel_requested: bool
     stale_time: datetime
-
-
-@dataclass(frozen=True)
-class Acquired:
-    jobs: list[Job]
-    free_slots: int
 
 
 @dataclass(frozen=True)
@@ -91,10 +85,13 @@ _FINISH_REASONS: dict[RunOutcome, StopReason | None] = {
 
 
 class WorkerUseCases:
-    def __init__(self, ctx: Context, limits: Limits, heartbeats: Heartbeats | None = None) -> None:
+    def __init__(
+        self, ctx: Context, limits: Limits, heartbeats: Heartbeats, taking: JobTaking
+    ) -> None:
         self._ctx = ctx
         self._limits = limits
-        self.heartbeats = heartbeats or Heartbeats(ctx)
+        self.heartbeats = heartbeats
+        self._taking = taking
 
     def claim_run(self, *, tenant_id: str | None, worker_id: str, caller: Caller) -> Claim | None:
         check = Checker()
@@ -198,109 +195,13 @@ class WorkerUseCases:
         check = self._check_lease(run_id, lease_epoch)
         check.count("max_jobs", max_jobs, low=1, high=self._limits.max_jobs_per_acquire)
         check.done()
-        if self._ctx.slots.reserves_ahead:
-            return self._acquire_reserving(
-                tenant_id=tenant_id,
-                run_id=run_id,
-                lease_epoch=lease_epoch,
-                max_jobs=max_jobs,
-                caller=caller,
-            )
 
-        def work(conn: Connection, now: datetime, notes: Notes) -> Acquired:
-            row = self._touch(conn, run_id, tenant_id, lease_epoch, caller, now) or self._lost(
+        def hold(conn: Connection, now: datetime) -> run_store.Touched:
+            return self._touch(conn, run_id, tenant_id, lease_epoch, caller, now) or self._lost(
                 conn, run_id, tenant_id, lease_epoch, caller
             )
-            if row.cancel_requested:
-                # A run being cancelled starts nothing new.
-                return Acquired([], self._ctx.slots.free(conn, tenant_id=row.tenant_id))
-            free = self._ctx.slots.free(conn, tenant_id=row.tenant_id)
-            taken = job_store.take_queued(
-                conn,
-                run_id,
-                tenant_id=row.tenant_id,
-                lease_epoch=lease_epoch,
-                limit=min(max_jobs, free),
-                now=now,
-            )
-            return Acquired(taken, free - len(taken))
 
-        return self._ctx.transact(work, caller=caller)
-
-    def _acquire_reserving(
-        self,
-        *,
-        tenant_id: str | None,
-        run_id: str,
-        lease_epoch: int,
-        max_jobs: int,
-        caller: Caller,
-    ) -> Acquired:
-        """AcquireJobs when slots live outside the database.
-
-        Slots are taken first, then the jobs are marked in progress in one
-        transaction, then unused slots are given back. A crash between the
-        two can only leave a slot that no job holds (it expires, or the
-        reconciler removes it), never a job in progress without its slot.
-        """
-        slots = self._ctx.slots
-
-        def look(conn: Connection, now: datetime, notes: Notes) -> tuple[str, list[str]]:
-            row = self._touch(conn, run_id, tenant_id, lease_epoch, caller, now) or self._lost(
-                conn, run_id, tenant_id, lease_epoch, caller
-            )
-            if row.cancel_requested:
-                # A run being cancelled starts nothing new.
-                return row.tenant_id, []
-            ids = job_store.queued_ids(conn, run_id, tenant_id=row.tenant_id, limit=max_jobs)
-            return row.tenant_id, ids
-
-        run_tenant, candidates = self._ctx.transact(look, caller=caller)
-        reservation = slots.reserve(
-            tenant_id=run_tenant, run_id=run_id, lease_epoch=lease_epoch, job_ids=candidates
-        )
-        if not reservation.granted:
-            return Acquired([], reservation.free)
-        granted = {held.job_id: held for held in reservation.granted}
-        token = reservation.granted[0].token
-
-        def take(conn: Connection, now: datetime, notes: Notes) -> Acquired:
-            row = self._touch(conn, run_id, tenant_id, lease_epoch, caller, now) or self._lost(
-                conn, run_id, tenant_id, lease_epoch, caller
-            )
-            taken = []
-            if not row.cancel_requested:
-                taken = job_store.take_reserved(
-                    conn,
-                    run_id,
-                    list(granted),
-                    tenant_id=run_tenant,
-                    lease_epoch=lease_epoch,
-                    slot_token=token,
-                    now=now,
-                )
-            used = {job.id for job in taken}
-            unused = [held for job_id, held in granted.items() if job_id not in used]
-            # Another call of this lease took some of these jobs meanwhile: the
-            # slots reserved for them go back, recorded with this commit.
-            self._ctx.release_slots(
-                conn,
-                notes,
-                tenant_id=run_tenant,
-                run_id=run_id,
-                slots=unused,
-                cause="unused",
-                now=now,
-            )
-            return Acquired(taken, reservation.free + len(unused))
-
-        try:
-            return self._ctx.transact(take, caller=caller)
-        except Exception:
-            # Nothing committed: every reserved slot goes back (if this fails
-            # too, they expire or the reconciler removes them).
-            slots.give_back(tenant_id=run_tenant, slots=reservation.granted)
-            raise
+        return self._taking.acquire(self._ctx, Wanted(run_id, lease_epoch, max_jobs, caller, hold))
 
     def report_jobs(
         self,

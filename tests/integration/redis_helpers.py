@@ -12,6 +12,7 @@ from runsvc.domain import JobSpec, LivenessPolicy
 from runsvc.redisslots import sync as slot_sync
 from runsvc.server import redis_slot_config
 from runsvc.service import RunService
+from runsvc.service.acquire import TakeReserved
 from runsvc.service.worker import Acquired, Claim
 from runsvc.settings import Settings
 from runsvc.slots import SlotLimits
@@ -45,7 +46,13 @@ def replica(
     assert defaults is not None
     cfg = replace(defaults, **config)  # type: ignore[arg-type]
     sync = slot_sync.build(db, clock, limits, cfg)
-    service = RunService(db=db, clock=clock, slots=sync.slots, policy=LivenessPolicy())
+    service = RunService(
+        db=db,
+        clock=clock,
+        slots=sync.slots,
+        policy=LivenessPolicy(),
+        taking=TakeReserved(sync.slots),
+    )
     return Replica(service, sync)
 
 
