@@ -106,18 +106,18 @@ class WorkerUseCases:
                 # The crashed incarnation's jobs have an unknown outcome: they
                 # fail as WORKER_LOST, and a late result from it is still kept.
                 freed = job_store.fail_in_progress(
-                    conn, [resumed.id], tenant_id=resumed.tenant_id, now=now
+                    conn, [resumed.run_id], tenant_id=resumed.tenant_id, now=now
                 )
                 self._ctx.release_slots(
                     conn,
                     notes,
                     tenant_id=resumed.tenant_id,
-                    run_id=resumed.id,
-                    slots=freed.get(resumed.id, []),
+                    run_id=resumed.run_id,
+                    slots=freed.get(resumed.run_id, []),
                     cause="resume",
                     now=now,
                 )
-                run = run_store.get(conn, resumed.id, tenant_id=tenant_id)
+                run = run_store.get(conn, resumed.run_id, tenant_id=tenant_id)
                 assert run is not None
                 return Claim(run, resumed.lease_epoch, resumed=True)
             for _ in range(_CLAIM_ATTEMPTS):
@@ -125,7 +125,7 @@ class WorkerUseCases:
                     conn, tenant_id=tenant_id, worker_id=worker_id, now=now
                 )
                 if claimed is not None:
-                    run = run_store.get(conn, claimed.id, tenant_id=tenant_id)
+                    run = run_store.get(conn, claimed.run_id, tenant_id=tenant_id)
                     assert run is not None
                     return Claim(run, claimed.lease_epoch, resumed=False)
             return None

@@ -263,9 +263,22 @@ def insert(
         raise DuplicateRun() from error
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A lease a worker just took: the run and the epoch that fences its writes."""
+
+    run_id: str
+    tenant_id: str
+    lease_epoch: int
+
+
+def _leased(row: Row[Any] | None) -> Lease | None:
+    return Lease(row.id, row.tenant_id, row.lease_epoch) if row is not None else None
+
+
 def claim_pending(
     conn: Connection, *, tenant_id: str | None, worker_id: str, now: datetime
-) -> Row[Any] | None:
+) -> Lease | None:
     """Take the oldest pending run; None when there is none (or another worker won it)."""
     oldest = (
         select(runs.c.id)
@@ -274,7 +287,7 @@ def claim_pending(
         .limit(1)
     )
     oldest = dialect(conn).claiming(oldest, of=runs)
-    return conn.execute(
+    row = conn.execute(
         update(runs)
         .where(runs.c.id == oldest.scalar_subquery(), _state_in(sources(Event.CLAIM)))
         .values(
@@ -286,13 +299,14 @@ def claim_pending(
             last_heartbeat_at=now,
             updated_at=now,
         )
-        .returning(runs.c.id, runs.c.lease_epoch)
+        .returning(runs.c.id, runs.c.tenant_id, runs.c.lease_epoch)
     ).one_or_none()
+    return _leased(row)
 
 
 def resume_held(
     conn: Connection, *, tenant_id: str | None, worker_id: str, now: datetime
-) -> Row[Any] | None:
+) -> Lease | None:
     """Take again the running run this worker already holds, under a new epoch."""
     held = (
         select(runs.c.id)
@@ -304,7 +318,7 @@ def resume_held(
         .order_by(runs.c.started_at, runs.c.id)
         .limit(1)
     )
-    return conn.execute(
+    row = conn.execute(
         update(runs)
         .where(
             runs.c.id == held.scalar_subquery(),
@@ -319,6 +333,7 @@ def resume_held(
         )
         .returning(runs.c.id, runs.c.tenant_id, runs.c.lease_epoch)
     ).one_or_none()
+    return _leased(row)
 
 
 def request_cancel(
