@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,13 +67,3 @@ def sqlite_url(tmp_path: Path) -> str:
 
 def address(server: Server) -> str:
     return f"127.0.0.1:{server.port}"
-
-
-def wait_for(predicate: Callable[[], bool], *, timeout: float, step: float = 0.05) -> float:
-    """Seconds until ``predicate`` held; fails after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - start

@@ -25,8 +25,9 @@ from runsvc_client import (
     RunState,
     WorkerClient,
 )
-from tests.clients.conftest import REAP_INTERVAL, address, running_server, token, wait_for
+from tests.clients.conftest import REAP_INTERVAL, address, running_server, token
 from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_for
 
 # Short thresholds keep the tests short; the ratios are the production ones.
 STALE_AFTER = 6.0

@@ -14,7 +14,8 @@ import pytest
 
 from runsvc.server import Server
 from runsvc_client import BackendClient, JobSpec, RunState
-from tests.clients.conftest import REAP_INTERVAL, address, running_server, token, wait_for
+from tests.clients.conftest import REAP_INTERVAL, address, running_server, token
+from tests.support.waiting import wait_for
 
 STALE_AFTER = 3.0
 DIALER = Path(__file__).resolve().parents[2] / "clients" / "examples" / "dialer.py"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -69,13 +69,3 @@ def expired_token() -> list[tuple[str, str]]:
         algorithm="HS256",
     )
     return [("authorization", f"Bearer {issued}")]
-
-
-def wait_for(predicate: Callable[[], bool], *, timeout: float, step: float = 0.05) -> float:
-    """Seconds until ``predicate`` held; fails after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - start

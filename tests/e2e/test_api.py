@@ -12,7 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runsvc.server import Server
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
-from tests.e2e.conftest import REAP_INTERVAL, STALE_AFTER, expired_token, token, wait_for
+from tests.e2e.conftest import REAP_INTERVAL, STALE_AFTER, expired_token, token
+from tests.support.waiting import wait_for
 
 BACKEND = token("backend", "t1")
 WORKER = token("worker", "t1", subject="w1")

@@ -20,7 +20,8 @@ from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 from tests import tools
 from tests.conftest import UNLIMITED_RATES
-from tests.e2e.conftest import SECRET, token, wait_for
+from tests.e2e.conftest import SECRET, token
+from tests.support.waiting import wait_for
 
 STALE_AFTER = 1.0
 BACKEND = token("backend", "t1")

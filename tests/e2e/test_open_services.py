@@ -26,8 +26,9 @@ from runsvc.settings import Settings
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 from tests.conftest import UNLIMITED_RATES
-from tests.e2e.conftest import SECRET, token, wait_for
+from tests.e2e.conftest import SECRET, token
 from tests.e2e.security_server import audit_rows
+from tests.support.waiting import wait_for
 
 OPEN_STREAMS = 2
 FLOOD = 40  # far more streams than the server has threads (8) or open slots (2)

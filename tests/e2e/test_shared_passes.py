@@ -8,8 +8,9 @@ import pytest
 
 from runsvc.server import Server, build
 from runsvc.settings import Settings
-from tests.e2e.conftest import SECRET, wait_for
+from tests.e2e.conftest import SECRET
 from tests.e2e.test_metrics import scrape, value
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.redis
 

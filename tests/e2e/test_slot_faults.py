@@ -23,6 +23,7 @@ from runsvc.store.schema import jobs, slot_releases
 from tests.conftest import BACKEND, UNLIMITED_RATES, _truncate
 from tests.e2e.slot_client import Tenant, tenant
 from tests.redis_process import RedisProcess
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -89,15 +90,6 @@ def count(pg_url: str, query: object) -> int:
         engine.dispose()
 
 
-def wait_until(predicate: Callable[[], bool], *, timeout: float) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"not within {timeout} s")
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
 def test_force_cancel_while_redis_is_paused(
     pg_url: str,
     redis_server: RedisProcess,
@@ -133,7 +125,7 @@ def test_force_cancel_while_redis_is_paused(
         held_b = members(client, "t1") - held_a
         assert {HeldSlot.parse(m).run_id for m in held_b} == {run_b}
 
-        wait_until(
+        wait_for(
             lambda: count(pg_url, select(func.count()).select_from(slot_releases)) == 0,
             timeout=RELEASE_BOUND,
         )
@@ -212,7 +204,7 @@ def test_redis_restarted_empty_while_runs_are_in_flight(
             except redis.RedisError:
                 return False
 
-        wait_until(ready, timeout=10.0)
+        wait_for(ready, timeout=10.0)
         time.sleep(1.0)
         stop.set()
         for t in threads:
@@ -223,7 +215,7 @@ def test_redis_restarted_empty_while_runs_are_in_flight(
         # granted between the loss and the rebuild.
         assert peaks and max(peaks) <= LIMIT
         # Releases left to the relay (Redis was just back) are applied first.
-        wait_until(
+        wait_for(
             lambda: count(pg_url, select(func.count()).select_from(slot_releases)) == 0,
             timeout=RELEASE_BOUND,
         )

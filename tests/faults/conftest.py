@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,12 +226,3 @@ def store(postgres_url: str) -> Iterator[Store]:
     found = db.violations()
     db.close()
     assert found == [], found
-
-
-def wait_until(predicate: Callable[[], bool], *, timeout: float, step: float = 0.05) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - start

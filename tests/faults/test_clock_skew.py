@@ -29,8 +29,8 @@ from tests.faults.conftest import (
     Fleet,
     Store,
     issue,
-    wait_until,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -113,7 +113,7 @@ def test_replicas_skewed_90_s_either_way_stop_no_live_run_and_catch_a_dead_one(
     killed = time.monotonic()
     doomed.process.wait(timeout=10)
     bound = STALE_AFTER + REAP_INTERVAL + 1.0
-    wait_until(lambda: store.run(run_ids[-1]).state != "RUNNING", timeout=bound + 5)
+    wait_for(lambda: store.run(run_ids[-1]).state != "RUNNING", timeout=bound + 5)
     latency = time.monotonic() - killed
     assert latency <= bound, f"finalized {latency:.2f} s after the kill, bound {bound} s"
     ended = store.run(run_ids[-1])

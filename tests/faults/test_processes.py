@@ -18,8 +18,8 @@ from tests.faults.conftest import (
     Fleet,
     Store,
     issue,
-    wait_until,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -34,13 +34,13 @@ def test_a_killed_worker_is_finalized_within_the_bound(
     run_id = fleet.create_run(server.address, "t1", jobs=10)
     worker = fleet.worker(server.address, "t1", "w1", "--hold", "30")
     assert worker.run_id() == run_id
-    wait_until(lambda: store.job_states(run_id).get("IN_PROGRESS") == 1, timeout=10)
+    wait_for(lambda: store.job_states(run_id).get("IN_PROGRESS") == 1, timeout=10)
 
     worker.process.kill()
     killed = time.monotonic()
     worker.process.wait(timeout=10)
     bound = STALE_AFTER + REAP_INTERVAL + 1.0
-    wait_until(lambda: store.run(run_id).state != "RUNNING", timeout=bound + 5)
+    wait_for(lambda: store.run(run_id).state != "RUNNING", timeout=bound + 5)
     latency = time.monotonic() - killed
     assert latency <= bound, f"finalized after {latency:.2f} s, bound {bound} s"
     ended = store.run(run_id)
@@ -61,7 +61,7 @@ def test_get_active_never_reports_a_dead_workers_run_past_the_threshold(
     run_id = fleet.create_run(server.address, "t1", jobs=10)
     worker = fleet.worker(server.address, "t1", "w1", "--hold", "30")
     assert worker.run_id() == run_id
-    wait_until(lambda: store.job_states(run_id).get("IN_PROGRESS") == 1, timeout=10)
+    wait_for(lambda: store.job_states(run_id).get("IN_PROGRESS") == 1, timeout=10)
     metadata = [("authorization", f"Bearer {issue('backend', 't1')}")]
 
     worker.process.kill()
@@ -130,12 +130,12 @@ def test_a_paused_worker_is_refused_on_every_write_once_it_wakes(
     run_id = fleet.create_run(server.address, "t1", jobs=10)
     zombie = fleet.worker(server.address, "t1", "w1", "--hold", "1.0")
     assert zombie.run_id() == run_id
-    wait_until(lambda: store.job_states(run_id).get("IN_PROGRESS") == 1, timeout=10)
+    wait_for(lambda: store.job_states(run_id).get("IN_PROGRESS") == 1, timeout=10)
 
     os.kill(zombie.process.pid, signal.SIGSTOP)
     paused_at = time.time()
     try:
-        wait_until(
+        wait_for(
             lambda: store.run(run_id).state != "RUNNING",
             timeout=STALE_AFTER + REAP_INTERVAL + 3.0,
         )
@@ -163,7 +163,7 @@ def test_workers_fence_themselves_before_a_long_outage_stops_their_runs(
         fleet.dialer(server.address, f"t{i}", f"d{i}", "--stale-after", str(STALE_AFTER))
         for i in range(2)
     ]
-    wait_until(lambda: all("claimed run" in d.log.read_text() for d in dialers), timeout=15)
+    wait_for(lambda: all("claimed run" in d.log.read_text() for d in dialers), timeout=15)
     time.sleep(0.5)
 
     server.process.kill()
@@ -176,7 +176,7 @@ def test_workers_fence_themselves_before_a_long_outage_stops_their_runs(
                 fenced[dialer.worker_id] = time.monotonic()
         return len(fenced) == len(dialers)
 
-    wait_until(all_fenced, timeout=STALE_AFTER + 2.0)
+    wait_for(all_fenced, timeout=STALE_AFTER + 2.0)
     time.sleep(STALE_AFTER)  # down for well over the threshold
     fleet.server(address=server.address)
     ended_at: dict[str, float] = {}
@@ -187,7 +187,7 @@ def test_workers_fence_themselves_before_a_long_outage_stops_their_runs(
                 ended_at[run_id] = time.monotonic()
         return len(ended_at) == len(run_ids)
 
-    wait_until(all_ended, timeout=STALE_AFTER + 3 * REAP_INTERVAL + 10.0)
+    wait_for(all_ended, timeout=STALE_AFTER + 3 * REAP_INTERVAL + 10.0)
     assert max(fenced.values()) < min(ended_at.values())
     for run_id in run_ids:
         assert store.run(run_id).state == "STOPPED"

@@ -19,8 +19,9 @@ from runsvc.store.schema import jobs, slot_releases
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 from tests.e2e.test_cli import json_lines
-from tests.faults.conftest import Fleet, Store, issue, wait_until
+from tests.faults.conftest import Fleet, Store, issue
 from tests.redis_process import RedisProcess
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -66,7 +67,7 @@ def test_force_cancel_answers_at_once_while_redis_is_paused_and_nothing_leaks(
     run_id = fleet.create_run(server.address, "t1", jobs=JOBS)
     worker = fleet.worker(server.address, "t1", "w1", "--hold", "300", "--max-jobs", str(HELD))
     assert worker.run_id() == run_id
-    wait_until(lambda: in_progress(store) == HELD, timeout=15)
+    wait_for(lambda: in_progress(store) == HELD, timeout=15)
     held = slot_members(redis_server, "t1")
     assert len(held) == HELD and all(run_id in m for m in held), held
 
@@ -97,7 +98,7 @@ def test_force_cancel_answers_at_once_while_redis_is_paused_and_nothing_leaks(
         redis_server.resume()
     resumed = time.monotonic()
 
-    drained = wait_until(lambda: outbox(store) == 0, timeout=RELEASE_BOUND)
+    drained = wait_for(lambda: outbox(store) == 0, timeout=RELEASE_BOUND)
     # Nothing leaked: Redis holds exactly the in-progress jobs, that is none.
     assert slot_members(redis_server, "t1") == set()
     assert in_progress(store) == 0

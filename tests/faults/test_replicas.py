@@ -32,8 +32,8 @@ from tests.faults.conftest import (
     Store,
     Worker,
     issue,
-    wait_until,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -163,7 +163,7 @@ def test_three_replicas_one_killed_and_restarted_mid_load(
     ]
     *live, doomed = dialers
     doomed_run_id = run_ids[tenants[-1]]
-    wait_until(lambda: all("claimed run" in d.log.read_text() for d in dialers), timeout=20)
+    wait_for(lambda: all("claimed run" in d.log.read_text() for d in dialers), timeout=20)
 
     reader = BackendClient(addresses.split(","), token=issue("backend", tenants[0]))
     writer = BackendClient(addresses.split(","), token=issue("backend", "backend-loop"))
@@ -182,8 +182,8 @@ def test_three_replicas_one_killed_and_restarted_mid_load(
         time.sleep(1.0)
         again = fleet.server(address=victim.address, **env)
         # The restarted replica takes calls again (clients redial within 5 s).
-        wait_until(lambda: handled_anything(again), timeout=20, step=0.5)
-        wait_until(
+        wait_for(lambda: handled_anything(again), timeout=20, step=0.5)
+        wait_for(
             lambda: store.run(doomed_run_id).state != "RUNNING",
             timeout=STALE + REAP_INTERVAL + 10,
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import pool
-from sqlalchemy.engine import make_url
 
 from runsvc import cli
 from runsvc.clock import FakeClock
@@ -22,7 +20,7 @@ from runsvc.service import RunService
 from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store import adopt, migrate
 from runsvc.store.engine import Database, make_engine
-from tests.migrations.test_migrations import postgres_url_or_skip
+from tests.conftest import private_database
 
 # The monolith's tables before migration 114, as its models defined them (plain
 # TIMESTAMP in UTC, denormalized counters on the run, statuses as text).
@@ -104,17 +102,8 @@ def sqlite_seed_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def postgres_seed_url() -> Iterator[str]:
-    server_url = make_url(postgres_url_or_skip())
-    name = f"runsvc_seed_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server_url, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield server_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with private_database("runsvc_seed") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
