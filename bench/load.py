@@ -117,6 +117,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    # The first message of each status: what a refusal says is half of understanding it.
+    error_samples: dict[str, str] = {}
     measuring = False
     stop_at = 0.0
     # Each channel its own connection: with `serve --workers N` the kernel spreads
@@ -141,6 +143,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 except grpc.aio.AioRpcError as error:
                     if measuring:
                         errors[error.code().name] = errors.get(error.code().name, 0) + 1
+                        error_samples.setdefault(error.code().name, str(error.details()))
                     continue
                 if measuring:
                     latencies.append(time.perf_counter() - started)
@@ -171,6 +174,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "calls": calls,
         "errors": errors,
+        "error_samples": error_samples,
         "throughput": calls / wall,
         "p50_ms": percentile(latencies, 0.50) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,

@@ -564,6 +564,9 @@ def measure_rounds(
             code: sum(row["errors"].get(code, 0) for row in rows)
             for code in sorted({code for row in rows for code in row["errors"]})
         }
+        median["error_samples"] = {
+            code: text for row in rows for code, text in row.get("error_samples", {}).items()
+        }
         into[name] = median
 
 

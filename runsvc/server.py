@@ -17,9 +17,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from runsvc import shutdown, tokens
-from runsvc.api.auth import RPC_ROLES, SERVICE, AuthInterceptor
+from runsvc.api.auth import RPC_ROLES, SERVICE, Gate
+from runsvc.api.edge import CountingPool, Edge
 from runsvc.api.open_streams import OpenStreams
-from runsvc.api.request_context import RequestContextInterceptor
 from runsvc.api.servicer import RunServiceServicer
 from runsvc.clock import Clock
 from runsvc.metrics.exporter import Exporter
@@ -43,8 +43,10 @@ from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_SEND_BYTES = 4 * 1024 * 1024
-# The health port's own threads: probes only, so a few are plenty.
+# The health port's own threads, and the main port's for probes: a few are plenty.
 HEALTH_THREADS = 4
+# Probes and shed answers in flight at once on the main port, beyond the other calls.
+PROBES_IN_FLIGHT = 64
 
 
 def jwt_secret(settings: Settings, *, create: bool = False) -> str:
@@ -184,29 +186,36 @@ class Server:
             components.service.context, window_seconds=settings.audit_aggregate_seconds
         )
         metrics = components.metrics
-        auth = AuthInterceptor(
+        gate = Gate(
             token_verifier(settings, secret),
             audit=self.audit,
             limiter=RateLimiter(settings.rate_limits),
             max_deadline_seconds=settings.grpc_max_deadline_seconds,
             on_denied=metrics.observer.denied if metrics is not None else _ignore_denial,
         )
-        # Outermost first: an open stream over its share is refused before any
-        # other work, the request id is bound before anything logs, and the
-        # metrics see the codes that authentication answers.
-        interceptors: list[grpc.ServerInterceptor] = [
-            self._open_streams(settings),
-            RequestContextInterceptor(),
-        ]
         if metrics is not None:
             metrics.grpc.preregister(SERVICE, RPC_ROLES)
-            interceptors.append(metrics.grpc)
-        interceptors.append(auth)
+        self._pool = CountingPool(settings.grpc_max_workers, "rpc")
+        # Heartbeats wait together for a group commit: a pool of their own lets a
+        # batch gather while the main pool serves everything else.
+        self._heartbeat_pool = futures.ThreadPoolExecutor(
+            max_workers=settings.grpc_heartbeat_workers, thread_name_prefix="heartbeat"
+        )
+        self._probe_pool = futures.ThreadPoolExecutor(
+            max_workers=HEALTH_THREADS, thread_name_prefix="probe"
+        )
+        edge = Edge(
+            gate,
+            metrics=metrics.grpc if metrics is not None else None,
+            open_streams=self._open_streams(settings),
+            main_pool=self._pool,
+            max_in_flight=settings.grpc_max_concurrent_rpcs,
+            heartbeat_pool=self._heartbeat_pool,
+            probe_pool=self._probe_pool,
+        )
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=settings.grpc_max_workers, thread_name_prefix="rpc"
-            ),
-            interceptors=interceptors,
+            self._pool,
+            interceptors=[edge],
             options=[
                 ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
@@ -225,9 +234,11 @@ class Server:
                     int(settings.grpc_max_deadline_seconds * 1000),
                 ),
             ],
-            # Beyond this many calls in flight, new ones are refused RESOURCE_EXHAUSTED
-            # at once instead of queueing without bound behind the worker threads.
-            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+            # The edge sheds other calls beyond RUNSVC_GRPC_MAX_CONCURRENT_RPCS; this
+            # hard bound leaves room for the heartbeats it queues instead, and probes.
+            maximum_concurrent_rpcs=(
+                settings.grpc_max_concurrent_rpcs + settings.heartbeat_queue_max + PROBES_IN_FLIGHT
+            ),
         )
         pb_grpc.add_RunServiceServicer_to_server(
             RunServiceServicer(components.service, audit=self.audit), self._grpc
@@ -280,7 +291,7 @@ class Server:
             return None, None
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="health"),
-            interceptors=[self._open_streams(settings)],
+            interceptors=[Edge(None, metrics=None, open_streams=self._open_streams(settings))],
             options=[
                 ("grpc.so_reuseport", 1 if share_port else 0),
                 ("grpc.max_receive_message_length", 1024),
@@ -321,6 +332,8 @@ class Server:
         self._grpc.stop(grace).wait()
         if self._health_server is not None:
             self._health_server.stop(0).wait()
+        for pool in (self._heartbeat_pool, self._probe_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         self.audit.flush()
         self.components.service.close()
         if self._reaper_thread.is_alive():

@@ -255,19 +255,33 @@ class Settings:
         _bounded_int(1024, 64 * 1024),
         "largest request metadata (headers) accepted",
     )
+    # Above the calls in flight a server takes, so that a busy connection's calls
+    # meet the server's own limits (heartbeats queued, others shed), never a refused
+    # stream (a client does not queue those: they fail UNAVAILABLE).
     grpc_max_concurrent_streams: int = setting(
         "server",
         "RUNSVC_GRPC_MAX_CONCURRENT_STREAMS",
-        100,
-        _bounded_int(1, 1000),
-        "concurrent calls per connection",
+        1000,
+        _bounded_int(1, 10_000),
+        "concurrent calls per connection (beyond, the stream is refused: keep it above the "
+        "calls one client has in flight)",
     )
     grpc_max_concurrent_rpcs: int = setting(
         "server",
         "RUNSVC_GRPC_MAX_CONCURRENT_RPCS",
         256,
         _bounded_int(1, 10_000),
-        "calls in flight; beyond, `RESOURCE_EXHAUSTED` at once",
+        "calls running or queued on the RPC threads; beyond, others get `RESOURCE_EXHAUSTED` "
+        "at once, while heartbeats queue (up to `RUNSVC_HEARTBEAT_QUEUE_MAX`) and health "
+        "checks have threads of their own",
+    )
+    grpc_heartbeat_workers: int = setting(
+        "server",
+        "RUNSVC_GRPC_HEARTBEAT_WORKERS",
+        64,
+        _bounded_int(1, 1024),
+        "threads serving Heartbeat, apart from the RPC threads: each waits for its group "
+        "commit, so more of them make larger batches",
     )
     grpc_max_deadline_seconds: float = setting(
         "server",

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from runsvc import deadline, logs, tokens
+from runsvc import logs, tokens
 from runsvc.api.status import to_status
 from runsvc.errors import FieldViolation, InvalidArgument, PermissionDenied, RateLimited
 from runsvc.ratelimit import RateLimiter
@@ -105,13 +106,6 @@ def required_tenant(principal: Principal, requested: str) -> str:
     return tenant
 
 
-def _bearer(metadata: Any) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer ") :].strip()
-    return None
-
-
 def certificate_principal(context: grpc.ServicerContext) -> Principal | None:
     """The worker a verified client certificate names, if it names one.
 
@@ -144,7 +138,7 @@ def caller_of(principal: Principal) -> Caller:
     return Caller(subject=principal.subject, role=principal.role, worker=worker)
 
 
-def _undecodable(field: str) -> grpc.Status:
+def undecodable(field: str) -> grpc.Status:
     return to_status(InvalidArgument([FieldViolation(field, "is not a valid message")]))
 
 
@@ -152,8 +146,12 @@ def _ignore(_kind: str) -> None:
     pass
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Verifies the caller; ``on_denied("unauthenticated" | "role")`` hears of each refusal."""
+class Gate:
+    """Admits a call of ours: authentication, rate limit, role (see the module docstring).
+
+    ``on_denied("unauthenticated" | "role")`` hears of each refusal. The edge
+    (runsvc.api.edge) asks it once per call, before the request is decoded.
+    """
 
     def __init__(
         self,
@@ -172,9 +170,32 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._limiter = limiter
         self._max_deadline = max_deadline_seconds
 
-    def _authenticate(
-        self, token: str | None, method: str, context: grpc.ServicerContext
+    def admit(
+        self,
+        token: str | None,
+        method: str,
+        allowed: frozenset[str] | None,
+        rate_class: str,
+        context: grpc.ServicerContext,
     ) -> Principal:
+        """The caller, once authenticated, within its rate and allowed ``method``; else the
+        call is aborted with the refusal."""
+        principal = self._authenticate(token, context)
+        # The rate limit comes before the role check: a refusal costs an audit
+        # count, so a caller past its budget must not reach one.
+        self._throttle(principal, rate_class, context)
+        if allowed is None or principal.role not in allowed:
+            self._deny_role(principal, method, context)
+        return principal
+
+    def deadline(self, context: grpc.ServicerContext) -> float | None:
+        """When this call's work must be over: the client's deadline, capped."""
+        remaining = context.time_remaining()
+        if self._max_deadline is not None and (remaining is None or remaining > self._max_deadline):
+            remaining = self._max_deadline
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _authenticate(self, token: str | None, context: grpc.ServicerContext) -> Principal:
         try:
             if token is not None:
                 return self._verifier.verify(token)
@@ -215,52 +236,13 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 )
             context.abort_with_status(to_status(limited))
 
-    def _deadline(self, context: grpc.ServicerContext) -> float | None:
-        """When this call's work must be over: the client's deadline, capped."""
-        remaining = context.time_remaining()
-        if self._max_deadline is not None and (remaining is None or remaining > self._max_deadline):
-            remaining = self._max_deadline
-        return None if remaining is None else time.monotonic() + remaining
 
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
-    ) -> Any:
-        service, _, method = details.method.lstrip("/").partition("/")
-        handler = continuation(details)
-        if service in OPEN_SERVICES or handler is None:
-            return handler
-        if handler.unary_unary is None:  # every RPC of ours is unary; refuse anything else
-            return None
-        allowed = RPC_ROLES.get(method) if service == SERVICE else None
-        rate_class = RPC_RATE_CLASSES.get(method, "read")
-        token = _bearer(details.invocation_metadata)
-        inner = handler.unary_unary
-        decode = handler.request_deserializer
-
-        def behaviour(raw: bytes, context: grpc.ServicerContext) -> Any:
-            principal = self._authenticate(token, details.method, context)
-            # The rate limit comes before the role check: a refusal costs an audit
-            # count, so a caller past its budget must not reach one.
-            self._throttle(principal, rate_class, context)
-            if allowed is None or principal.role not in allowed:
-                self._deny_role(principal, details.method, context)
-            try:
-                request = decode(raw) if decode is not None else raw
-            except Exception:
-                context.abort_with_status(_undecodable("request"))
-                raise  # pragma: no cover - abort raises
-            reset = _principal.set(principal)
-            reset_deadline = deadline.set(self._deadline(context))
-            try:
-                with logs.bound(tenant=principal.tenant_id):
-                    return inner(request, context)
-            finally:
-                deadline.reset(reset_deadline)
-                _principal.reset(reset)
-
-        # The bytes are decoded in ``behaviour``, after the caller was authenticated.
-        return grpc.unary_unary_rpc_method_handler(
-            behaviour,
-            request_deserializer=None,
-            response_serializer=handler.response_serializer,
-        )
+@contextmanager
+def bind_principal(principal: Principal) -> Iterator[None]:
+    """``principal`` is the caller (and its tenant a log field) inside the block."""
+    token = _principal.set(principal)
+    try:
+        with logs.bound(tenant=principal.tenant_id):
+            yield
+    finally:
+        _principal.reset(token)

@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import grpc
-
-from runsvc.api.auth import OPEN_SERVICES
-from runsvc.api.handlers import wrap
 
 REFUSED_MESSAGE = "too many open streams; try again later"
 
 
-class OpenStreams(grpc.ServerInterceptor):  # type: ignore[misc]
+class OpenStreams:
     """Admits at most ``limit`` open-service streams at once, each for ``lifetime_seconds``."""
 
     def __init__(
@@ -42,16 +38,8 @@ class OpenStreams(grpc.ServerInterceptor):  # type: ignore[misc]
         self._lifetime = lifetime_seconds
         self._on_refused = on_refused
 
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(details)
-        service = details.method.lstrip("/").partition("/")[0]
-        if handler is None or service not in OPEN_SERVICES or not handler.response_streaming:
-            return handler  # unary calls (Check) are short; nothing of ours streams
-        return wrap(handler, self._admitted)
-
-    def _admitted(self, context: grpc.ServicerContext) -> _Admission:
+    def admit(self, context: grpc.ServicerContext) -> _Admission:
+        """The stream's admission, held while it runs; aborts RESOURCE_EXHAUSTED when full."""
         if not self._slots.acquire(blocking=False):
             self._on_refused()
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, REFUSED_MESSAGE)

@@ -10,19 +10,16 @@ that dashboards and alerts written for Go services work unchanged.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from runsvc.api.handlers import UNARY, kind, wrap
-
 # prometheus.DefBuckets of the Go client.
 GO_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LABELS = ("grpc_type", "grpc_service", "grpc_method")
+UNARY = "unary"
 
 
 def go_code(code: grpc.StatusCode | None) -> str:
@@ -36,7 +33,26 @@ def go_code(code: grpc.StatusCode | None) -> str:
     return "".join(part.capitalize() for part in code.name.split("_"))
 
 
-class GrpcMetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class MethodMeter:
+    """One method's series, resolved once: counting a call costs no label lookup."""
+
+    def __init__(self, metrics: GrpcMetrics, labels: tuple[str, str, str]) -> None:
+        self.started = metrics.started.labels(*labels)
+        self._seconds = metrics.seconds.labels(*labels)
+        self._handled_of = metrics.handled
+        self._labels = labels
+        self._handled: dict[str, Any] = {}
+
+    def done(self, seconds: float, code: grpc.StatusCode | None) -> None:
+        self._seconds.observe(seconds)
+        name = go_code(code)
+        counter = self._handled.get(name)
+        if counter is None:
+            counter = self._handled[name] = self._handled_of.labels(*self._labels, name)
+        counter.inc()
+
+
+class GrpcMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.started = Counter(
             "grpc_server_started_total",
@@ -66,32 +82,6 @@ class GrpcMetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             self.handled.labels(UNARY, service, method, "OK")
             self.seconds.labels(UNARY, service, method)
 
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            # An unknown method: answered UNIMPLEMENTED, and never a label a client can choose.
-            return None
-        service, _, method = details.method.lstrip("/").partition("/")
-        labels = (kind(handler), service, method)
-
-        @contextmanager
-        def around(context: grpc.ServicerContext) -> Iterator[None]:
-            self.started.labels(*labels).inc()
-            start = time.perf_counter()
-            try:
-                yield
-            except BaseException:
-                # abort() sets the code before it raises; a stream the client
-                # abandoned ends with GeneratorExit and no code.
-                lost = grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED
-                self._done(labels, start, context.code() or lost)
-                raise
-            self._done(labels, start, context.code())
-
-        return wrap(handler, around)
-
-    def _done(self, labels: tuple[str, str, str], start: float, code: Any) -> None:
-        self.seconds.labels(*labels).observe(time.perf_counter() - start)
-        self.handled.labels(*labels, go_code(code)).inc()
+    def meter(self, kind: str, service: str, method: str) -> MethodMeter:
+        """The series of one method the server serves (never of a name a client chose)."""
+        return MethodMeter(self, (kind, service, method))

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from runsvc.clock import Clock
 from runsvc.domain import LivenessPolicy
 from runsvc.metrics.counters import MetricsObserver
-from runsvc.metrics.grpc_server import GrpcMetricsInterceptor
+from runsvc.metrics.grpc_server import GrpcMetrics
 from runsvc.metrics.store_collector import SlotBacklog, StoreCollector, no_slot_backlog
 from runsvc.store.engine import Database
 
@@ -18,7 +18,7 @@ from runsvc.store.engine import Database
 class Metrics:
     registry: CollectorRegistry
     observer: MetricsObserver
-    grpc: GrpcMetricsInterceptor
+    grpc: GrpcMetrics
     # None in the processes of `serve --workers N` but the first: one reads the store per scrape.
     store: StoreCollector | None
 
@@ -46,6 +46,6 @@ def build_metrics(
     return Metrics(
         registry=registry,
         observer=MetricsObserver(registry, reap_interval_seconds=reap_interval_seconds),
-        grpc=GrpcMetricsInterceptor(registry),
+        grpc=GrpcMetrics(registry),
         store=store,
     )

@@ -151,13 +151,18 @@ def test_an_open_stream_ends_after_its_lifetime_and_frees_its_slot(
 
 
 @pytest.mark.postgres
-def test_the_health_port_answers_while_every_rpc_thread_is_busy(
+def test_probes_and_heartbeats_are_answered_while_every_rpc_thread_is_busy(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    """Probes on the health port tell a saturated replica from a dead one."""
+    """A saturated replica still answers its probes (on both ports) and its heartbeats,
+    and sheds other calls at once instead of queueing them."""
     threads = 2
     with running(
-        postgres_url, tmp_path, grpc_max_workers=threads, health_address="127.0.0.1:0"
+        postgres_url,
+        tmp_path,
+        grpc_max_workers=threads,
+        grpc_max_concurrent_rpcs=threads * 2,
+        health_address="127.0.0.1:0",
     ) as server:
         engine = create_engine(postgres_url)
         blocker = engine.connect()
@@ -186,17 +191,23 @@ def test_the_health_port_answers_while_every_rpc_thread_is_busy(
                 return int(found) >= threads
 
             wait_for(waiting_on_the_lock, timeout=20)
-            # The main port's pool is full: its own health answer waits behind the calls.
-            with pytest.raises(grpc.RpcError) as queued:
-                check(f"127.0.0.1:{server.port}", timeout=1)
-            assert queued.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            # The health port answers at once.
+            # Both ports' health answers at once: probes have threads of their own.
             assert server.health_port is not None
-            for _ in range(5):
-                assert (
-                    check(f"127.0.0.1:{server.health_port}", timeout=2)
-                    == health_pb2.HealthCheckResponse.SERVING
-                )
+            for port in (server.port, server.health_port):
+                for _ in range(5):
+                    assert (
+                        check(f"127.0.0.1:{port}", timeout=2)
+                        == health_pb2.HealthCheckResponse.SERVING
+                    )
+            # One call more than the server takes is shed at once, not queued.
+            with pytest.raises(grpc.RpcError) as shed:
+                stub.GetActive(pb.GetActiveRequest(), metadata=token("backend", "t9"), timeout=5)
+            assert shed.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            # A heartbeat is never shed: it reaches the gate on its own threads (this
+            # one has no token, so the gate answers it at once).
+            with pytest.raises(grpc.RpcError) as heard:
+                stub.Heartbeat(pb.HeartbeatRequest(run_id="r", lease_epoch=1), timeout=5)
+            assert heard.value.code() is grpc.StatusCode.UNAUTHENTICATED
             transaction.rollback()
             for future in pending:
                 with pytest.raises(grpc.RpcError) as none:

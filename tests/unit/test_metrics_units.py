@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from runsvc import settings
-from runsvc.api.request_context import request_id
+from runsvc.api.edge import request_id_and_token
 from runsvc.metrics.grpc_server import go_code
 
 
@@ -51,9 +51,19 @@ def test_every_code_has_a_camel_case_name() -> None:
     assert all(name[0].isupper() and "_" not in name for name in names)
 
 
+def request_id(metadata: list[tuple[str, str]] | None) -> str:
+    return request_id_and_token(metadata)[0]
+
+
 def test_request_id_is_the_callers_when_sane() -> None:
     assert request_id([("x-request-id", "abc-123")]) == "abc-123"
     for bad in ("", "has space", "x" * 129, 'quote"', "new\nline"):
         generated = request_id([("x-request-id", bad)])
         assert generated != bad and len(generated) == 32
     assert request_id(None) != request_id(None)
+
+
+def test_the_bearer_token_is_read_beside_the_request_id() -> None:
+    metadata = [("authorization", "Bearer abc.def"), ("x-request-id", "r1")]
+    assert request_id_and_token(metadata) == ("r1", "abc.def")
+    assert request_id_and_token([("authorization", "Basic xyz")])[1] is None
