@@ -12,6 +12,7 @@ import contextvars
 import json
 import logging
 import sys
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -36,9 +37,19 @@ def bound(**fields: str | None) -> Iterator[None]:
             var.reset(token)
 
 
+# A request id to make only if the call logs something (most calls log nothing).
+FRESH_REQUEST_ID = "\x00fresh"
+
+
 def call_fields() -> dict[str, str]:
     """The fields bound for the call being served on this thread."""
-    return {name: value for name, var in _call.items() if (value := var.get()) is not None}
+    fields = {name: value for name, var in _call.items() if (value := var.get()) is not None}
+    if fields.get("request_id") == FRESH_REQUEST_ID:
+        # Made on the call's first log line and kept for its next ones; the binding's
+        # reset at the end of the call undoes this too.
+        fields["request_id"] = uuid.uuid4().hex
+        _call["request_id"].set(fields["request_id"])
+    return fields
 
 
 class JsonFormatter(logging.Formatter):

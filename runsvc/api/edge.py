@@ -25,7 +25,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -53,14 +52,15 @@ NEVER_SHED = frozenset({f"/{SERVICE}/Heartbeat"})
 
 
 def request_id_and_token(metadata: Any) -> tuple[str, str | None]:
-    """The caller's request id if it is a sane token (else a fresh one), and its bearer token."""
+    """The caller's request id if it is a sane token (else one made when the call first
+    logs: :data:`runsvc.logs.FRESH_REQUEST_ID`), and its bearer token."""
     rid = token = None
     for key, value in metadata or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _SANE.fullmatch(value):
             rid = value
         elif key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
             token = value[len("Bearer ") :].strip()
-    return rid or uuid.uuid4().hex, token
+    return rid or logs.FRESH_REQUEST_ID, token
 
 
 class CountingPool(futures.ThreadPoolExecutor):

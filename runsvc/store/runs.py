@@ -161,14 +161,12 @@ _COUNTS = (
 )
 
 
-def _one_run(conn: Connection, *where: ColumnElement[bool]) -> Run | None:
-    """The one run matching ``where``, with its job counts."""
+def _one_run(conn: Connection, read: str, params: dict[str, Any]) -> Run | None:
+    """The one run that read ``read`` (of :data:`_READS`) finds, with its job counts."""
     if not dialect(conn).lateral:  # two statements: the run, then its counts
-        row = conn.execute(select(runs).where(*where)).one_or_none()
+        row = conn.execute(_READS[read], params).one_or_none()
         return _with_counts(conn, [row])[0] if row is not None else None
-    row = conn.execute(
-        select(runs, _COUNTS).select_from(runs.join(_COUNTS, true())).where(*where)
-    ).one_or_none()
+    row = conn.execute(_READS_WITH_COUNTS[read], params).one_or_none()
     if row is None:
         return None
     counts = JobCounts(
@@ -181,8 +179,26 @@ def _one_run(conn: Connection, *where: ColumnElement[bool]) -> Run | None:
     return _run_from_row(row, counts)
 
 
+# The reads of one run, built once: their cache keys are memoized, so a call pays
+# for executing a statement, not for building and hashing it.
+_BY_ID = runs.c.id == bindparam("run_id")
+_OF_TENANT = runs.c.tenant_id == bindparam("tenant_id")
+_READS = {
+    "id": select(runs).where(_BY_ID),
+    "id_of_tenant": select(runs).where(_BY_ID, _OF_TENANT),
+    "active": select(runs).where(_OF_TENANT, _state_in(ACTIVE_STATES)),
+    "request": select(runs).where(_OF_TENANT, runs.c.request_id == bindparam("request_id")),
+}
+_READS_WITH_COUNTS = {
+    name: read.add_columns(_COUNTS).select_from(runs.join(_COUNTS, true()))
+    for name, read in _READS.items()
+}
+
+
 def get(conn: Connection, run_id: str, *, tenant_id: str | None) -> Run | None:
-    return _one_run(conn, runs.c.id == run_id, _scoped(tenant_id))
+    if tenant_id is None:
+        return _one_run(conn, "id", {"run_id": run_id})
+    return _one_run(conn, "id_of_tenant", {"run_id": run_id, "tenant_id": tenant_id})
 
 
 def id_by_number(conn: Connection, number: int, *, tenant_id: str | None) -> str | None:
@@ -201,11 +217,11 @@ def exists(conn: Connection, ref: str, *, tenant_id: str | None) -> bool:
 
 
 def get_by_request(conn: Connection, request_id: str, *, tenant_id: str) -> Run | None:
-    return _one_run(conn, runs.c.tenant_id == tenant_id, runs.c.request_id == request_id)
+    return _one_run(conn, "request", {"tenant_id": tenant_id, "request_id": request_id})
 
 
 def get_active(conn: Connection, *, tenant_id: str) -> Run | None:
-    return _one_run(conn, runs.c.tenant_id == tenant_id, _state_in(ACTIVE_STATES))
+    return _one_run(conn, "active", {"tenant_id": tenant_id})
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from runsvc.service import RunService
 from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store.clock import DatabaseClock
 from runsvc.store.engine import Database, make_engine
-from tests.conftest import BACKEND, WORKER
+from tests.conftest import BACKEND, WORKER, _truncate
 
 
 @contextmanager
@@ -36,6 +36,7 @@ def statements(db: Database) -> Iterator[list[str]]:
 @pytest.mark.postgres
 def test_a_read_of_one_run_within_a_call_is_two_statements(postgres_url: str) -> None:
     """The bound and the clock in one, the run and its job counts in the other."""
+    _truncate(postgres_url)  # the session's database: another test's runs of t1 stay out
     db = Database(make_engine(postgres_url, max_connections=4))
     service = RunService(
         db=db,

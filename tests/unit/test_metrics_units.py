@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from runsvc import settings
+from runsvc import logs, settings
 from runsvc.api.edge import request_id_and_token
 from runsvc.metrics.grpc_server import go_code
 
@@ -52,7 +52,11 @@ def test_every_code_has_a_camel_case_name() -> None:
 
 
 def request_id(metadata: list[tuple[str, str]] | None) -> str:
-    return request_id_and_token(metadata)[0]
+    """The id the call's log lines carry."""
+    with logs.bound(request_id=request_id_and_token(metadata)[0]):
+        first = logs.call_fields()["request_id"]
+        assert logs.call_fields()["request_id"] == first  # made once, kept for the call
+        return first
 
 
 def test_request_id_is_the_callers_when_sane() -> None:
@@ -61,6 +65,7 @@ def test_request_id_is_the_callers_when_sane() -> None:
         generated = request_id([("x-request-id", bad)])
         assert generated != bad and len(generated) == 32
     assert request_id(None) != request_id(None)
+    assert "request_id" not in logs.call_fields()  # the binding ended with the call
 
 
 def test_the_bearer_token_is_read_beside_the_request_id() -> None:
