@@ -48,6 +48,8 @@ def make_engine(url: str, *, max_connections: int = 20) -> Engine:
 
     It opens ``max_connections`` connections at most: half kept in the pool, the rest
     opened under load and closed when returned (docs/capacity.md sizes it per process).
+    A PostgreSQL engine is in autocommit: transactions are :meth:`Database.run`'s, which
+    spells them out; ``engine.begin()`` on it begins none.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -63,6 +65,9 @@ def make_engine(url: str, *, max_connections: int = 20) -> Engine:
         pool_pre_ping=False,
         pool_timeout=10,
         connect_args={"connect_timeout": 3} if parsed.get_driver_name() == "psycopg2" else {},
+        # Database spells its transactions out (BEGIN with its first statement, one
+        # round trip saved): the driver must not begin one of its own.
+        isolation_level="AUTOCOMMIT",
     )
     if parsed.get_driver_name() == "psycopg2":
 
@@ -100,10 +105,6 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-def _is_postgres(conn: Connection) -> bool:
-    return conn.dialect.name == "postgresql"
-
-
 def _retryable(error: sa_exc.DBAPIError) -> bool:
     code = getattr(error.orig, "pgcode", None)
     if code in _RETRYABLE_PG_CODES:
@@ -116,6 +117,7 @@ class Database:
 
     def __init__(self, engine: Engine, *, bound_seconds: float = 30.0) -> None:
         self.engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
         # Work outside a call (the reaper, heartbeat batches) is bounded by this.
         self.bound_seconds = bound_seconds
         self.watchdog = Watchdog()
@@ -127,34 +129,49 @@ class Database:
 
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
+        if self._postgres:
+            with self._begin_postgres() as conn:
+                yield conn
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _begin_postgres(self) -> Iterator[Connection]:
+        """A transaction whose first round trip also begins it, bounds it and reads its clock.
+
+        The driver would send BEGIN on its own round trip before the first statement;
+        here the connection is in autocommit and the transaction is spelled out, so
+        ``BEGIN; SELECT now(), set_config(…)`` is one round trip, and so is COMMIT.
+        """
+        left = deadline.remaining()
+        bound = self.bound_seconds if left is None else min(left, self.bound_seconds)
+        # No statement of this call may outlive its (capped) deadline: the server's
+        # own timeout first; the watchdog a little later, for when it cannot answer.
+        timeout = max(1, int((bound - 2 * _WATCHDOG_MARGIN) * 1000))
         token: int | None = None
-        try:
-            with self.engine.begin() as conn:
-                left = deadline.remaining()
-                if _is_postgres(conn):
-                    bound = self.bound_seconds if left is None else min(left, self.bound_seconds)
-                    # The server's own timeout first; the watchdog a little later,
-                    # still within the deadline, for when the server cannot answer.
-                    token = self.watchdog.arm(
-                        conn.connection.dbapi_connection, max(0.05, bound - _WATCHDOG_MARGIN)
-                    )
-                    if left is not None:
-                        # No statement of this call may outlive its (capped) deadline.
-                        # The same round trip reads the transaction's clock, which
-                        # every use case asks for next (see DatabaseClock).
-                        timeout = max(1, int((left - 2 * _WATCHDOG_MARGIN) * 1000))
-                        conn.info[TRANSACTION_NOW] = conn.exec_driver_sql(
-                            f"SELECT now(), set_config('statement_timeout', '{timeout}', true)"
-                        ).scalar_one()
+        with self.engine.connect() as conn:
+            try:
+                token = self.watchdog.arm(
+                    conn.connection.dbapi_connection, max(0.05, bound - _WATCHDOG_MARGIN)
+                )
+                # The transaction's clock, which every use case asks for next (DatabaseClock).
+                conn.info[TRANSACTION_NOW] = conn.exec_driver_sql(
+                    f"BEGIN; SELECT now(), set_config('statement_timeout', '{timeout}', true)"
+                ).scalar_one()
                 try:
                     yield conn
-                finally:
-                    # info outlives the checkout: the next transaction reads its own clock.
+                except BaseException:
                     with suppress(sa_exc.SQLAlchemyError):
-                        conn.info.pop(TRANSACTION_NOW, None)
-        finally:
-            if token is not None:
-                self.watchdog.disarm(token)
+                        conn.exec_driver_sql("ROLLBACK")
+                    raise
+                conn.exec_driver_sql("COMMIT")
+            finally:
+                if token is not None:
+                    self.watchdog.disarm(token)
+                # info outlives the checkout: the next transaction reads its own clock.
+                with suppress(sa_exc.SQLAlchemyError):
+                    conn.info.pop(TRANSACTION_NOW, None)
 
     def run(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in one transaction; commit if it returns, roll back if it raises.

@@ -1,4 +1,5 @@
-"""What one read of a run costs on PostgreSQL, counted in statements sent."""
+"""What one read of a run, and one batch of heartbeats, cost on PostgreSQL: round trips
+counted on the wire (through a loopback proxy) and the statements sent."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 
 from runsvc import deadline
 from runsvc.domain import JobSpec, LivenessPolicy
@@ -17,63 +19,84 @@ from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store.clock import DatabaseClock
 from runsvc.store.engine import Database, make_engine
 from tests.conftest import BACKEND, WORKER, _truncate
+from tests.support.proxy import TcpProxy
 
 
 @contextmanager
-def statements(db: Database) -> Iterator[list[str]]:
-    sent: list[str] = []
+def sent(db: Database, proxy: TcpProxy) -> Iterator[tuple[list[str], list[int]]]:
+    """The statements sent inside the block, and (once it ends) the round trips."""
+    statements: list[str] = []
+    trips: list[int] = []
 
     def record(*args: Any) -> None:
-        sent.append(args[2])  # (conn, cursor, statement, parameters, context, executemany)
+        statements.append(args[2])  # (conn, cursor, statement, parameters, context, executemany)
 
+    before = proxy.sent
     event.listen(db.engine, "before_cursor_execute", record)
     try:
-        yield sent
+        yield statements, trips
     finally:
         event.remove(db.engine, "before_cursor_execute", record)
+        trips.append(proxy.sent - before)
 
 
 @pytest.mark.postgres
-def test_a_read_of_one_run_within_a_call_is_two_statements(postgres_url: str) -> None:
-    """The bound and the clock in one, the run and its job counts in the other."""
+def test_a_read_of_one_run_and_a_heartbeat_batch_are_three_round_trips(
+    postgres_url: str,
+) -> None:
+    """BEGIN with the bound and the clock; the run with its job counts (or the batch's
+    update); COMMIT. The driver sends no BEGIN of its own."""
     _truncate(postgres_url)  # the session's database: another test's runs of t1 stay out
-    db = Database(make_engine(postgres_url, max_connections=4))
-    service = RunService(
-        db=db,
-        clock=DatabaseClock(),
-        slots=StoreSlots(SlotLimits(default=3)),
-        policy=LivenessPolicy(),
-    )
-    try:
-        jobs = [JobSpec(external_id=f"call-{i}", payload=b"x") for i in range(3)]
-        created = service.backend.create_run(
-            tenant_id="t1", request_id="r1", jobs=jobs, caller=BACKEND
+    url = make_url(postgres_url)
+    with TcpProxy(upstream=(url.host or "127.0.0.1", url.port or 5432)) as proxy:
+        proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        db = Database(make_engine(proxied, max_connections=2))  # one connection, kept
+        service = RunService(
+            db=db,
+            clock=DatabaseClock(),
+            slots=StoreSlots(SlotLimits(default=3)),
+            policy=LivenessPolicy(),
         )
-        claim = service.worker.claim_run(tenant_id="t1", worker_id="w1", caller=WORKER)
-        assert claim is not None
-        service.worker.acquire_jobs(
-            tenant_id="t1",
-            run_id=created.id,
-            lease_epoch=claim.lease_epoch,
-            max_jobs=1,
-            caller=WORKER,
-        )
-        token = deadline.set(time.monotonic() + 10.0)
         try:
-            with statements(db) as active_sent:
-                active = service.backend.get_active(tenant_id="t1", caller=BACKEND)
-            with statements(db) as get_sent:
-                again = service.backend.get_run(tenant_id="t1", run_id=created.id, caller=BACKEND)
+            jobs = [JobSpec(external_id=f"call-{i}", payload=b"x") for i in range(3)]
+            created = service.backend.create_run(
+                tenant_id="t1", request_id="r1", jobs=jobs, caller=BACKEND
+            )
+            claim = service.worker.claim_run(tenant_id="t1", worker_id="w1", caller=WORKER)
+            assert claim is not None
+            service.worker.acquire_jobs(
+                tenant_id="t1",
+                run_id=created.id,
+                lease_epoch=claim.lease_epoch,
+                max_jobs=1,
+                caller=WORKER,
+            )
+            token = deadline.set(time.monotonic() + 10.0)
+            try:
+                with sent(db, proxy) as (active_sent, active_trips):
+                    active = service.backend.get_active(tenant_id="t1", caller=BACKEND)
+                with sent(db, proxy) as (get_sent, get_trips):
+                    again = service.backend.get_run(
+                        tenant_id="t1", run_id=created.id, caller=BACKEND
+                    )
+            finally:
+                deadline.reset(token)
+            with sent(db, proxy) as (beat_sent, beat_trips):
+                service.worker.heartbeat(
+                    tenant_id="t1", run_id=created.id, lease_epoch=claim.lease_epoch, caller=WORKER
+                )
         finally:
-            deadline.reset(token)
-        for sent in (active_sent, get_sent):
-            assert len(sent) == 2, sent
-            assert "now()" in sent[0] and "statement_timeout" in sent[0]
-            assert "LATERAL" in sent[1]
-        for run in (active, again):
-            counts = run.job_counts
-            assert (counts.total, counts.queued, counts.in_progress) == (3, 2, 1)
-            assert (counts.completed, counts.failed) == (0, 0)
-    finally:
-        service.close()
-        db.dispose()
+            service.close()
+            db.dispose()
+    for statements, trips in ((active_sent, active_trips), (get_sent, get_trips)):
+        assert trips == [3], statements
+        assert statements[0].startswith("BEGIN; SELECT now(), set_config('statement_timeout'")
+        assert "LATERAL" in statements[1]
+        assert statements[2] == "COMMIT"
+    assert beat_trips == [3], beat_sent
+    assert beat_sent[0].startswith("BEGIN; SELECT now()")
+    assert beat_sent[1].startswith("UPDATE runs") and beat_sent[2] == "COMMIT"
+    for run in (active, again):
+        counts = run.job_counts
+        assert (counts.total, counts.queued, counts.in_progress) == (3, 2, 1)
+        assert (counts.completed, counts.failed) == (0, 0)

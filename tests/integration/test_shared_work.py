@@ -225,13 +225,14 @@ def test_a_pass_skips_runs_another_replica_has_claimed(postgres_url: str) -> Non
         since = clock.now() - timedelta(seconds=30)
         # Replica 0's pass is under way: it has claimed every stale run.
         with dbs[0].engine.connect() as held:
-            held.begin()
+            # The store's engine is in autocommit (Database spells out its transactions).
+            held.exec_driver_sql("BEGIN")
             assert len(run_store.find_silent(held, silent_since=since, limit=10)) == 5
             # Replica 1 does not wait for it, and takes none of its runs.
             report = Reaper(services[1].context).pass_once()
             assert (report.claimed, report.total) == (0, 0)
             assert passes(registry, "reaper") == {"done": 0, "skipped": 1}
-            held.rollback()  # replica 0 died mid-pass: its claims go with its transaction
+            held.exec_driver_sql("ROLLBACK")  # replica 0 died mid-pass: its claims go with it
         report = Reaper(services[1].context).pass_once()
         assert (report.claimed, report.total) == (5, 5)
         assert passes(registry, "reaper") == {"done": 1, "skipped": 1}

@@ -48,8 +48,11 @@ def _abort(sock: socket.socket) -> None:
 class _Pipe:
     """One direction of one connection: a reader thread and a delayed writer thread."""
 
-    def __init__(self, proxy: TcpProxy, source: socket.socket, sink: socket.socket) -> None:
+    def __init__(
+        self, proxy: TcpProxy, source: socket.socket, sink: socket.socket, client: socket.socket
+    ) -> None:
         self._proxy = proxy
+        self._proxy_client = client
         self._source = source
         self._sink = sink
         self._queue: deque[tuple[float, bytes]] = deque()
@@ -82,6 +85,8 @@ class _Pipe:
                     break
                 if self._proxy.mode is Mode.DROP:
                     continue
+                if self._source is self._proxy_client:
+                    self._proxy.count_sent()
                 with self._ready:
                     self._queue.append((time.monotonic() + self._proxy.latency, data))
                     self._ready.notify()
@@ -143,8 +148,8 @@ class _Connection:
             sock.settimeout(_POLL)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pipes = [
-            _Pipe(self.proxy, self.client, upstream),
-            _Pipe(self.proxy, upstream, self.client),
+            _Pipe(self.proxy, self.client, upstream, self.client),
+            _Pipe(self.proxy, upstream, self.client, self.client),
         ]
         for pipe in self.pipes:
             pipe.start()
@@ -183,6 +188,9 @@ class TcpProxy:
         self.mode = Mode.PASS
         self.latency = 0.0
         self.stopped = False
+        # Chunks the clients sent upstream: with a request-reply protocol (libpq), its
+        # round trips.
+        self.sent = 0
         self._changed = threading.Condition()
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
@@ -195,6 +203,10 @@ class TcpProxy:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def count_sent(self) -> None:
+        with self._lock:
+            self.sent += 1
 
     # --- control -------------------------------------------------------------------
 
