@@ -16,7 +16,7 @@ PY_SOURCES += $(wildcard bench)
 
 VERSION := $(shell cat clients/runsvc_client/VERSION)
 
-.PHONY: test-fast dist image bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
+.PHONY: docs test-fast dist image bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -73,7 +73,11 @@ test: $(INSTALL_STAMP) $(NODE_STAMP) ## Services, proto-check, lint, then pytest
 	@bash scripts/monitoring-tools.sh
 	$(VENV_PY) tools/gen_proto.py --check
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory docs
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+docs: $(INSTALL_STAMP) ## The documentation site into build/site (mkdocs, --strict: a broken link fails)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 test-fast: $(INSTALL_STAMP) ## The unit tier only (a few seconds, no services), while editing
 	$(VENV_PY) -m pytest -q tests/unit $(PYTEST_ARGS)

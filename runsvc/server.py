@@ -63,7 +63,7 @@ def jwt_secret(settings: Settings, *, create: bool = False) -> str:
 
 
 def token_verifier(settings: Settings, secret: str | None) -> tokens.Verifier:
-    """The token checks the settings ask for (SECURITY.md)."""
+    """The token checks the settings ask for (docs/security.md)."""
     keys = None
     if settings.jwt_public_key_file:
         keys = tokens.KeyFile(settings.jwt_public_key_file, tokens.load_pem_keys).keys

@@ -2,6 +2,6 @@
 
 Every metric lives in a registry of its own per server (never the global
 one), so that several servers in one process, as in tests, do not collide.
-No label carries a run id, a worker id or a free text: see the README's
-operations section for the label sets and their cardinality.
+No label carries a run id, a worker id or a free text: docs/operations.md lists
+the label sets and their cardinality.
 """
