@@ -163,8 +163,15 @@ class ServerProcess:
     """``runsvc serve [--workers N]`` in a process of its own, once every process serves."""
 
     def __init__(
-        self, url: str, workdir: Path, *, extra_env: dict[str, str], workers: int = 1
+        self,
+        url: str,
+        workdir: Path,
+        *,
+        extra_env: dict[str, str],
+        workers: int = 1,
+        module: str | None = None,
     ) -> None:
+        """``module``: serve with ``python -m module --port P`` instead (no metrics port)."""
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.workers = workers
@@ -186,18 +193,21 @@ class ServerProcess:
             ),
             **extra_env,
         }
-        self.log = (workdir / f"server-{workers}.log").open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "runsvc.cli", "serve", "--workers", str(workers)],
-            env=env,
-            stderr=self.log,
+        self.log = (workdir / f"{module or 'server'}-{workers}.log").open("w")
+        command = (
+            [sys.executable, "-m", module, "--port", str(self.port)]
+            if module
+            else [sys.executable, "-m", "runsvc.cli", "serve", "--workers", str(workers)]
         )
-        self._wait_serving()
+        self.process = subprocess.Popen(
+            command, env=env, stderr=self.log, cwd=Path(__file__).parent.parent
+        )
+        self._wait_serving(metrics=module is None)
 
-    def _wait_serving(self) -> None:
+    def _wait_serving(self, *, metrics: bool) -> None:
         deadline = time.monotonic() + 30
         # Each process binds its metrics port just before it serves gRPC.
-        pending = [self.metrics_port + i for i in range(self.workers)]
+        pending = [self.metrics_port + i for i in range(self.workers)] if metrics else []
         with grpc.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
@@ -661,10 +671,16 @@ def measure(
             targets_file.write_text(json.dumps(targets))
             bare = BareServer(workdir)
             server = ServerProcess(url, workdir, extra_env={}, workers=workers)
+            # The heartbeat path on grpc.aio, on the same database, in the same rounds.
+            aio = ServerProcess(url, workdir, extra_env={}, module="bench.aio_heartbeat")
             try:
                 measure_rounds(
                     result["paths"],
-                    [("bare ", bare, [("Check", 64)]), ("", server, PLAN)],
+                    [
+                        ("bare ", bare, [("Check", 64)]),
+                        ("", server, PLAN),
+                        ("aio ", aio, [("Heartbeat", 64)]),
+                    ],
                     targets_file,
                     duration,
                     rounds=rounds,
@@ -674,6 +690,7 @@ def measure(
                 if soak_seconds:
                     result["soak"] = soak(server, targets_file, soak_seconds)
             finally:
+                aio.stop()
                 server.stop()
                 bare.stop()
             if naive:

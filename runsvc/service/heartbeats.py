@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -59,12 +59,15 @@ class _Waiting:
     (a bare lock, not an Event: the hot path pays for one allocation, not three).
     """
 
-    __slots__ = ("_done", "beat", "error", "touch")
+    __slots__ = ("_done", "_on_answer", "beat", "error", "touch")
 
-    def __init__(self, touch: run_store.LeaseTouch) -> None:
+    def __init__(
+        self, touch: run_store.LeaseTouch, on_answer: Callable[[], None] | None = None
+    ) -> None:
         self.touch = touch
         self.beat: Beat | None = None
         self.error: BaseException | None = None
+        self._on_answer = on_answer
         self._done = threading.Lock()
         self._done.acquire()
 
@@ -73,6 +76,11 @@ class _Waiting:
 
     def answer(self) -> None:
         self._done.release()
+        if self._on_answer is not None:
+            self._on_answer()
+
+
+Pending = _Waiting
 
 
 class Heartbeats:
@@ -94,11 +102,21 @@ class Heartbeats:
 
     def record(self, touch: run_store.LeaseTouch, *, caller: Caller) -> Beat:
         """Write one heartbeat; return once it has committed, or raise why it was refused."""
-        waiting = self._enqueue(touch, self._policy)
+        waiting = self._enqueue(_Waiting(touch), self._policy)
         # The flusher answers every call it takes, even when its flush fails;
         # the bound only guards against a flusher that died.
         if not waiting.wait(self._policy.enqueue_timeout + 30):
             raise Unavailable("heartbeats are not being written")
+        return self.outcome(waiting, caller=caller)
+
+    def submit(self, touch: run_store.LeaseTouch, on_answer: Callable[[], None]) -> Pending:
+        """Queue one heartbeat without waiting for it (for an event loop): ``on_answer`` runs
+        on the flusher's thread once it is answered; :meth:`outcome` then tells how."""
+        return self._enqueue(_Waiting(touch, on_answer), self._policy)
+
+    def outcome(self, waiting: Pending, *, caller: Caller) -> Beat:
+        """The committed heartbeat of an answered ``waiting``, or the reason it was refused."""
+        touch = waiting.touch
         if isinstance(waiting.error, Unavailable):
             # One error per call: the batch's exception is shared by many threads.
             raise Unavailable(str(waiting.error)) from waiting.error
@@ -148,8 +166,7 @@ class Heartbeats:
         except Exception:
             log.exception("after-commit work for heartbeats failed")
 
-    def _enqueue(self, touch: run_store.LeaseTouch, policy: GroupCommit) -> _Waiting:
-        waiting = _Waiting(touch)
+    def _enqueue(self, waiting: _Waiting, policy: GroupCommit) -> _Waiting:
         deadline = time.monotonic() + policy.enqueue_timeout
         with self._not_full:
             while not self._closing and len(self._queue) >= policy.max_queue:
