@@ -103,6 +103,11 @@ class BackendUseCases:
 
     def get_active(self, *, tenant_id: str, caller: Caller) -> Run:
         """The tenant's live run; a run whose worker went silent is finalized, never reported."""
+        settled = self._ctx.read_settled(
+            lambda conn: run_store.get_active(conn, tenant_id=tenant_id)
+        )
+        if settled is not None:
+            return settled
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Run | None:
             run = run_store.get_active(conn, tenant_id=tenant_id)
@@ -119,6 +124,11 @@ class BackendUseCases:
         check = Checker()
         _check_run_ref(check, run_id)
         check.done()
+        settled = self._ctx.read_settled(
+            lambda conn: run_store.get_by_ref(conn, run_id, tenant_id=tenant_id)
+        )
+        if settled is not None:
+            return settled
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Run:
             run = self._visible(conn, self._resolve(conn, run_id, tenant_id), tenant_id)

@@ -21,6 +21,7 @@ from runsvc.clock import Clock
 from runsvc.domain import (
     Event,
     LivenessPolicy,
+    Run,
     RunState,
     StopReason,
     finalization_for_lost_run,
@@ -162,6 +163,24 @@ class Context:
         for action in notes.after_commit:
             action()
         return result
+
+    def read_settled(self, find: Callable[[Connection], Run | None]) -> Run | None:
+        """The run ``find`` reads, in one statement and no transaction, when that is the whole
+        answer: found, and not a run this replica would judge stale now. None otherwise, and
+        the caller takes its transactional path (which finalizes a stale run, or audits a
+        refused look-up)."""
+
+        def read(conn: Connection) -> Run | None:
+            run = find(conn)
+            if run is None or run.state is not RunState.RUNNING:
+                return run
+            horizon = self.stale_horizon(self.clock.now(conn))
+            if horizon is None:
+                return run  # nothing is judged stale now; the transactional path agrees
+            heard = run.last_heartbeat_time
+            return run if heard is not None and heard >= horizon else None
+
+        return self.db.read(read)
 
     def stale_horizon(self, now: datetime) -> datetime | None:
         """The stale horizon at ``now`` for this replica (None: judge nothing stale now)."""

@@ -40,6 +40,11 @@ _WATCHDOG_MARGIN = 0.05
 
 # query_canceled: the call's own deadline ran out; the database answered.
 _NOT_AN_OUTAGE_PG_CODES = frozenset({"57014"})
+# The statement timeout a connection's session holds now (milliseconds), in its ``info``.
+_SESSION_TIMEOUT = "runsvc.session_statement_timeout_ms"
+# The steps a read's statement timeout is rounded down to, so that calls with like deadlines
+# share one and a pooled connection rarely needs another SET (milliseconds).
+_TIMEOUT_STEPS_MS = (30_000, 20_000, 10_000, 5_000, 2_000, 1_000, 500, 200, 100)
 OUTAGE_LOG_SECONDS = 5.0
 
 
@@ -103,6 +108,12 @@ def _sqlite_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _timeout_step(seconds: float) -> int:
+    """The largest step not above ``seconds`` (in milliseconds; at least 1)."""
+    wanted = int(seconds * 1000)
+    return next((step for step in _TIMEOUT_STEPS_MS if step <= wanted), max(1, wanted))
 
 
 def _retryable(error: sa_exc.DBAPIError) -> bool:
@@ -188,19 +199,65 @@ class Database:
                     log.debug("transaction lost a race, retrying", extra={"attempt": attempt})
                     time.sleep(random.uniform(0, 0.005 * attempt))
                     continue
-                if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
-                    if getattr(error.orig, "pgcode", None) not in _NOT_AN_OUTAGE_PG_CODES:
-                        self.trust.failed()
-                    # The driver's words (hosts, roles, databases) stay in this log:
-                    # callers, browsers included, learn only that the store is down.
-                    self._log_outage(error)
-                    raise Unavailable("the store is unavailable") from error
-                raise
+                outage = self._outage(error)
+                if outage is None:
+                    raise
+                raise outage from error
             except sa_exc.TimeoutError as error:
-                # No connection to be had: heartbeats cannot be recorded either.
-                self.trust.failed()
-                raise Unavailable("the store's connection pool is exhausted") from error
+                raise self._pool_exhausted() from error
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def read(self, work: Callable[[Connection], T]) -> T:
+        """Run a read of one statement without a transaction around it, where that saves round
+        trips: on PostgreSQL the statement alone (the call's bound is the session's statement
+        timeout, set only when it changes by a whole step, see :func:`_timeout_step`); on
+        SQLite an ordinary transaction. ``work`` must only read."""
+        if not self._postgres:
+            return self.run(work)
+        left = deadline.remaining()
+        bound = self.bound_seconds if left is None else min(left, self.bound_seconds)
+        token: int | None = None
+        try:
+            with self.engine.connect() as conn:
+                try:
+                    token = self.watchdog.arm(
+                        conn.connection.dbapi_connection, max(0.05, bound - _WATCHDOG_MARGIN)
+                    )
+                    step = _timeout_step(bound - 2 * _WATCHDOG_MARGIN)
+                    if conn.info.get(_SESSION_TIMEOUT) != step:
+                        conn.info.pop(_SESSION_TIMEOUT, None)  # unknown until the SET is done
+                        conn.exec_driver_sql(f"SET statement_timeout = {step}")
+                        conn.info[_SESSION_TIMEOUT] = step
+                    return work(conn)
+                finally:
+                    if token is not None:
+                        self.watchdog.disarm(token)
+                    with suppress(sa_exc.SQLAlchemyError):
+                        conn.info.pop(TRANSACTION_NOW, None)
+        except sa_exc.DBAPIError as error:
+            outage = self._outage(error)
+            if outage is None:
+                raise
+            raise outage from error
+        except sa_exc.TimeoutError as error:
+            raise self._pool_exhausted() from error
+
+    def _pool_exhausted(self) -> Unavailable:
+        # No connection to be had: heartbeats cannot be recorded either.
+        self.trust.failed()
+        return Unavailable("the store's connection pool is exhausted")
+
+    def _outage(self, error: sa_exc.DBAPIError) -> Unavailable | None:
+        """The outage a failed database call is, for the caller; None when it is none (a
+        programming error stays what it is)."""
+        if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+            if getattr(error.orig, "pgcode", None) not in _NOT_AN_OUTAGE_PG_CODES:
+                self.trust.failed()
+            # The driver's words (hosts, roles, databases) stay in this log:
+            # callers, browsers included, learn only that the store is down.
+            self._log_outage(error)
+            return Unavailable("the store is unavailable")
+        return None
 
     def _log_outage(self, error: sa_exc.DBAPIError) -> None:
         now = time.monotonic()

@@ -43,7 +43,7 @@ from runsvc.domain import (
     sources,
     target,
 )
-from runsvc.store.dialects import dialect
+from runsvc.store.dialects import TRANSACTION_NOW, dialect
 from runsvc.store.schema import jobs, runs
 
 # The seed's fallback: a run with no heartbeat is judged by its lock, then by its last update.
@@ -169,6 +169,9 @@ def _one_run(conn: Connection, read: str, params: dict[str, Any]) -> Run | None:
     row = conn.execute(_READS_WITH_COUNTS[read], params).one_or_none()
     if row is None:
         return None
+    # The same statement read the database's clock: a read outside a transaction needs no
+    # other round trip for it (DatabaseClock); inside one it is the transaction's own.
+    conn.info.setdefault(TRANSACTION_NOW, row.read_at)
     counts = JobCounts(
         total=row.count_total,
         queued=row.count_queued,
@@ -182,15 +185,20 @@ def _one_run(conn: Connection, read: str, params: dict[str, Any]) -> Run | None:
 # The reads of one run, built once: their cache keys are memoized, so a call pays
 # for executing a statement, not for building and hashing it.
 _BY_ID = runs.c.id == bindparam("run_id")
+_BY_NUMBER = runs.c.number == bindparam("number")
 _OF_TENANT = runs.c.tenant_id == bindparam("tenant_id")
 _READS = {
     "id": select(runs).where(_BY_ID),
     "id_of_tenant": select(runs).where(_BY_ID, _OF_TENANT),
+    "number": select(runs).where(_BY_NUMBER),
+    "number_of_tenant": select(runs).where(_BY_NUMBER, _OF_TENANT),
     "active": select(runs).where(_OF_TENANT, _state_in(ACTIVE_STATES)),
     "request": select(runs).where(_OF_TENANT, runs.c.request_id == bindparam("request_id")),
 }
 _READS_WITH_COUNTS = {
-    name: read.add_columns(_COUNTS).select_from(runs.join(_COUNTS, true()))
+    name: read.add_columns(_COUNTS, func.now().label("read_at")).select_from(
+        runs.join(_COUNTS, true())
+    )
     for name, read in _READS.items()
 }
 
@@ -199,6 +207,16 @@ def get(conn: Connection, run_id: str, *, tenant_id: str | None) -> Run | None:
     if tenant_id is None:
         return _one_run(conn, "id", {"run_id": run_id})
     return _one_run(conn, "id_of_tenant", {"run_id": run_id, "tenant_id": tenant_id})
+
+
+def get_by_ref(conn: Connection, ref: str, *, tenant_id: str | None) -> Run | None:
+    """The run ``ref`` names: its id, or its number (all digits)."""
+    number = run_number(ref)
+    if number is None:
+        return get(conn, ref, tenant_id=tenant_id)
+    if tenant_id is None:
+        return _one_run(conn, "number", {"number": number})
+    return _one_run(conn, "number_of_tenant", {"number": number, "tenant_id": tenant_id})
 
 
 def id_by_number(conn: Connection, number: int, *, tenant_id: str | None) -> str | None:

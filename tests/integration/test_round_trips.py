@@ -41,11 +41,13 @@ def sent(db: Database, proxy: TcpProxy) -> Iterator[tuple[list[str], list[int]]]
 
 
 @pytest.mark.postgres
-def test_a_read_of_one_run_and_a_heartbeat_batch_are_three_round_trips(
+def test_a_read_of_one_run_is_one_round_trip_and_a_heartbeat_batch_three(
     postgres_url: str,
 ) -> None:
-    """BEGIN with the bound and the clock; the run with its job counts (or the batch's
-    update); COMMIT. The driver sends no BEGIN of its own."""
+    """A read of a live run is one statement outside a transaction (the run, its job counts
+    and the database's clock), after a SET of the call's bound when the connection's differs;
+    a batch of heartbeats is BEGIN with the bound and the clock, the update, COMMIT. The
+    driver sends no BEGIN of its own."""
     _truncate(postgres_url)  # the session's database: another test's runs of t1 stay out
     url = make_url(postgres_url)
     with TcpProxy(upstream=(url.host or "127.0.0.1", url.port or 5432)) as proxy:
@@ -88,11 +90,13 @@ def test_a_read_of_one_run_and_a_heartbeat_batch_are_three_round_trips(
         finally:
             service.close()
             db.dispose()
-    for statements, trips in ((active_sent, active_trips), (get_sent, get_trips)):
-        assert trips == [3], statements
-        assert statements[0].startswith("BEGIN; SELECT now(), set_config('statement_timeout'")
-        assert "LATERAL" in statements[1]
-        assert statements[2] == "COMMIT"
+    # The first read sets the connection's bound (10 s left: the 5 s step); the next, with a
+    # deadline of the same step, is its statement alone.
+    assert active_trips == [2], active_sent
+    assert active_sent[0] == "SET statement_timeout = 5000"
+    assert get_trips == [1], get_sent
+    for statements in (active_sent, get_sent):
+        assert "LATERAL" in statements[-1] and "now()" in statements[-1]
     assert beat_trips == [3], beat_sent
     assert beat_sent[0].startswith("BEGIN; SELECT now()")
     assert beat_sent[1].startswith("UPDATE runs") and beat_sent[2] == "COMMIT"
