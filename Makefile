@@ -16,7 +16,7 @@ PY_SOURCES += $(wildcard bench)
 
 VERSION := $(shell cat clients/runsvc_client/VERSION)
 
-.PHONY: docs test-fast dist image bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
+.PHONY: docs bench-profile test-fast dist image bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -113,6 +113,9 @@ monitoring-tools: ## Install promtool and amtool (Debian packages) if missing
 bench-metrics: $(INSTALL_STAMP) ## Scrape /metrics with 100,000 runs in a fresh PostgreSQL database
 	@bash scripts/services.sh
 	$(VENV_PY) tools/bench_metrics.py $(BENCH_ARGS)
+
+bench-profile: $(INSTALL_STAMP) services ## Where a call's server CPU goes (py-spy), per path; JSON to bench/results/profile.json
+	$(VENV_PY) -m bench.profile $(BENCH_ARGS)
 
 bench-history: $(INSTALL_STAMP) services ## Benchmark with 10k and 1M historical runs side by side (~10 min)
 	$(VENV_PY) -m bench.history $(BENCH_ARGS)

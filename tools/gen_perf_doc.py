@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from tools.generated_page import write_or_check  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+PROFILE = ROOT / "bench" / "results" / "profile.json"
 PAGE = ROOT / "docs" / "performance.md"
 BARE = "bare Check@64"
 
@@ -58,13 +59,29 @@ GOALS: list[tuple[str, str, Any]] = [
 WHY = """\
 ## Where the time goes
 
-Every runsvc call passes through the request-id, metrics and authentication interceptors and
-the sync gRPC server's thread pool; the bare server has none of them, which is what its ratio
-measures. A heartbeat also waits for the flusher thread that writes the batch it joined (group
-commit) and is woken after the commit; a read (GetActive, GetRun) is a transaction of two
-statements: one sets the call's statement timeout and reads the database's clock, the other
-reads the run with its job counts. What scales on one host is more processes
-(`runsvc serve --workers N`, the comparison above); docs/capacity.md sizes a fleet.
+The bare server is an empty handler on the sync gRPC server: what is left of a call when
+runsvc adds nothing. runsvc adds, per call, its edge (one interceptor whose handlers are built
+once per method; the request id, gRPC metrics, the token check from a cache, the rate limit and
+the role, the deadline) and then the call's own work:
+
+- **Check** answers from the health servicer on threads of its own.
+- **Heartbeat** is validated, queued for the group commit and waits on a lock until the flusher
+  thread has written its batch: `BEGIN` with the bound and the clock, one `UPDATE … FROM
+  unnest(…)` for the whole batch, `COMMIT` (three round trips per batch, not per call). Each
+  call still costs two thread hand-offs (to the flusher and back) on a server whose Python
+  code runs one thread at a time; the profile at the end shows what that costs. The
+  **aio** row is the same heartbeat on `grpc.aio` (`bench/aio_heartbeat.py`: the same edge work
+  and group commit, the caller's wait a future the flusher resolves), measured in the same
+  rounds.
+- **GetActive / GetRun** read the run, its job counts and the database's clock in one
+  statement, outside a transaction (a `SET statement_timeout` first only when the connection's
+  bound changes step); a run that may be stale, or a look-up that finds nothing, takes the
+  transactional path that finalizes the run or audits the refusal. What remains is
+  SQLAlchemy's execution of that statement, the row's conversion to the domain and to protobuf,
+  and PostgreSQL's own work, on the same two cores as the load and the database.
+
+What scales on one host is more processes (`runsvc serve --workers N`, the comparison above);
+[capacity](capacity.md) sizes a fleet.
 """
 
 
@@ -72,7 +89,7 @@ def ratio(row: dict[str, Any], bare: dict[str, Any]) -> str:
     return f"{row['throughput'] / bare['throughput']:.2f}"
 
 
-def page(result: dict[str, Any]) -> str:
+def page(result: dict[str, Any], profile: dict[str, Any] | None = None) -> str:
     paths = result["paths"]
     bare = paths[BARE]
     machine = result["machine"]
@@ -90,7 +107,7 @@ def page(result: dict[str, Any]) -> str:
         "Each path is driven from a separate process (`bench/load.py`, grpc.aio, closed loop) "
         f"in {result.get('rounds', 1)} interleaved rounds and reported by its median round, as "
         "a ratio to a **bare** sync gRPC server (`bench/bare.py`: the same 32 threads, one "
-        "empty handler, no interceptors) started by the same run: the ceiling of Python gRPC on "
+        "empty handler, no interceptor) started by the same run: the ceiling of Python gRPC on "
         "this machine. Client, server and PostgreSQL share the machine's cores; compare ratios "
         "within one run, not figures across runs.",
         "",
@@ -106,6 +123,14 @@ def page(result: dict[str, Any]) -> str:
             f"{row['p99_ms']:.1f} | {errors} | {row['server_cpu_us_per_call']:,.0f} | "
             f"{ratio(row, bare)} |"
         )
+    aio = paths.get("aio Heartbeat@64")
+    if aio:
+        lines += [
+            "",
+            "Heartbeat on grpc.aio against the sync server, at 64 in flight: "
+            f"**{aio['throughput'] / paths['Heartbeat@64']['throughput']:.2f}×** "
+            f"(p99 {aio['p99_ms']:.0f} ms against {paths['Heartbeat@64']['p99_ms']:.0f} ms).",
+        ]
     naive = paths.get("Heartbeat(naive)@64")
     if naive:
         lines += [
@@ -154,11 +179,64 @@ def page(result: dict[str, Any]) -> str:
         )
         lines.append(f"| {what} | {name}: {measured} | {'yes' if holds(row, bare) else 'no'} |")
     lines += ["", WHY]
+    if profile is not None:
+        lines += profile_table(profile, bare)
     return "\n".join(lines)
 
 
+GRPC = "gRPC server and its threads"
+
+
+def profile_table(profile: dict[str, Any], bare: dict[str, Any]) -> list[str]:
+    """``make bench-profile``: each path's server CPU per call, by where the samples fell."""
+    paths = profile["paths"]
+    names = list(next(iter(paths.values()))["shares"])
+    lines = [
+        "## Where a call's server CPU goes",
+        "",
+        "`make bench-profile` (`bench/profile.py`) samples the server with "
+        "`py-spy record --gil` while one path is driven at a time, puts each sample in the "
+        "first of these categories that claims a frame (innermost first), and multiplies "
+        "the shares by the server CPU per call measured in the same drive (µs per call):",
+        "",
+        "| category | " + " | ".join(paths) + " |",
+        "|---|" + "---|" * len(paths),
+    ]
+    for name in names:
+        cells = [
+            f"{row['shares'][name] * row['server_cpu_us_per_call']:,.0f}" for row in paths.values()
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    totals = [f"**{row['server_cpu_us_per_call']:,.0f}**" for row in paths.values()]
+    lines += ["| all | " + " | ".join(totals) + " |", ""]
+    beat = paths.get("Heartbeat@64")
+    if beat is not None and GRPC in beat["shares"]:
+        whole = beat["server_cpu_us_per_call"]
+        grpc_part = beat["shares"][GRPC] * whole
+        ours = whole - grpc_part
+        ceiling = 2 * bare["server_cpu_us_per_call"]
+        lines += [
+            f"A heartbeat costs the server {whole:,.0f} µs of CPU, {grpc_part:,.0f} µs of them "
+            f"in the gRPC server and its threads, against {bare['server_cpu_us_per_call']:,.0f}"
+            f" µs for the bare server's whole call; runsvc's code and the database take the "
+            f"other {ours:,.0f} µs. On CPU alone, half the bare server's rate allows "
+            f"{ceiling:,.0f} µs per call, which leaves {max(ceiling - grpc_part, 0):,.0f} µs "
+            "for everything that is not gRPC"
+            + (
+                f", {ours / max(ceiling - grpc_part, 1):.1f} times less than runsvc's part "
+                "takes now; the aio row is the one measured way to shrink the gRPC part itself."
+                if ours > ceiling - grpc_part
+                else ": runsvc's part fits in it."
+            ),
+            "",
+        ]
+    return lines
+
+
 def main() -> int:
-    return write_or_check(PAGE, page(json.loads(RESULTS.read_text())), str(RESULTS), __doc__)
+    profile = json.loads(PROFILE.read_text()) if PROFILE.is_file() else None
+    text = page(json.loads(RESULTS.read_text()), profile)
+    return write_or_check(PAGE, text, f"{RESULTS} and {PROFILE.name}", __doc__)
 
 
 if __name__ == "__main__":
