@@ -123,9 +123,10 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         entry = self._handlers.get(method)
         if entry is None:
             inner = continuation(details)
-            if inner is None:
+            built = self._build(method, inner) if inner is not None else None
+            if built is None:
                 return None  # UNIMPLEMENTED; never an entry a client could choose
-            entry = self._handlers[method] = self._build(method, inner)
+            entry = self._handlers[method] = built
         handler, sheddable = entry
         if sheddable and self._busy():
             return self._shed
@@ -142,13 +143,12 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _build(
         self, method: str, inner: grpc.RpcMethodHandler
-    ) -> tuple[grpc.RpcMethodHandler, bool]:
+    ) -> tuple[grpc.RpcMethodHandler, bool] | None:
         service, _, name = method.lstrip("/").partition("/")
         if service in OPEN_SERVICES:
             return self._open(method, service, name, inner), False
         if inner.unary_unary is None or self._gate is None:
-            # Every RPC of ours is unary: refuse anything else.
-            return grpc.unary_unary_rpc_method_handler(_unimplemented), False
+            return None  # every RPC of ours is unary: refuse anything else
         if method in NEVER_SHED:
             return self._on(self._heartbeat_pool, self._gated(method, service, name, inner)), False
         return self._gated(method, service, name, inner), True
@@ -278,7 +278,3 @@ def _kind(handler: grpc.RpcMethodHandler) -> str:
 
 def _shed(_request: Any, context: grpc.ServicerContext) -> Any:
     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_MESSAGE)
-
-
-def _unimplemented(_request: Any, context: grpc.ServicerContext) -> Any:
-    context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
