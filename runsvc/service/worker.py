@@ -26,6 +26,7 @@ from runsvc.domain import (
     target,
 )
 from runsvc.errors import (
+    MAX_VIOLATIONS,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -286,7 +287,15 @@ class WorkerUseCases:
             else:
                 not_held.append(result.job_id)
         if not_held:
-            raise JobNotHeld(metadata={"job_ids": ",".join(not_held)})
+            # Bounded like every error reply (runsvc.errors.MAX_VIOLATIONS): the first ids and
+            # how many in all, never a trailer larger than a client reads.
+            raise JobNotHeld(
+                f"{len(not_held)} result(s) name jobs this lease did not take",
+                metadata={
+                    "job_ids": ",".join(not_held[:MAX_VIOLATIONS]),
+                    "job_count": str(len(not_held)),
+                },
+            )
         self._ctx.release_slots(
             conn, notes, tenant_id=tenant_id, run_id=run_id, slots=freed, cause="report", now=now
         )

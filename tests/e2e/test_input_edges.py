@@ -14,11 +14,13 @@ import grpc
 import jwt
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from runsvc.errors import MAX_VIOLATIONS
 from runsvc.server import Server, build
 from runsvc.settings import Settings
+from runsvc.store.schema import jobs
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 from tests.e2e.conftest import SECRET, token
@@ -107,7 +109,7 @@ def test_control_characters_in_free_text_are_invalid_and_change_nothing(
 
 
 def test_error_replies_are_bounded_whatever_the_number_of_problems(
-    stub: pb_grpc.RunServiceStub,
+    stub: pb_grpc.RunServiceStub, server: Server
 ) -> None:
     # 200 duplicate external ids: 199 problems, one bounded reply a default client reads.
     specs = [pb.JobSpec(external_id="same") for _ in range(200)]
@@ -130,6 +132,20 @@ def test_error_replies_are_bounded_whatever_the_number_of_problems(
     status, size = details(error)
     fields, info = violations(status)
     assert len(fields) == MAX_VIOLATIONS and info["violations"] == "1000"
+    assert size < CLIENT_METADATA_LIMIT // 2, size
+    # Results of 1000 jobs of the run that this lease never took: FAILED_PRECONDITION, with
+    # ten of their ids listed and the count.
+    run = create(stub, request_id="not-held", jobs=1000)
+    claim = stub.ClaimRun(pb.ClaimRunRequest(worker_id="w1"), metadata=WORKER, timeout=10)
+    with server.components.db.engine.connect() as conn:
+        queued = [r.id for r in conn.execute(select(jobs.c.id).where(jobs.c.run_id == run.id))]
+    results = [pb.JobResult(job_id=j, outcome=pb.JOB_OUTCOME_COMPLETED) for j in queued]
+    request = pb.ReportJobsRequest(run_id=run.id, lease_epoch=claim.lease_epoch, results=results)
+    error = refusal(lambda: stub.ReportJobs(request, metadata=WORKER, timeout=10))
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    status, size = details(error)
+    _, info = violations(status)
+    assert len(info["job_ids"].split(",")) == MAX_VIOLATIONS and info["job_count"] == "1000"
     assert size < CLIENT_METADATA_LIMIT // 2, size
 
 
