@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection, Engine, Select, create_engine, event
 from sqlalchemy import exc as sa_exc
@@ -199,10 +199,7 @@ class Database:
                     log.debug("transaction lost a race, retrying", extra={"attempt": attempt})
                     time.sleep(random.uniform(0, 0.005 * attempt))
                     continue
-                outage = self._outage(error)
-                if outage is None:
-                    raise
-                raise outage from error
+                self._raise_as_seen(error)
             except sa_exc.TimeoutError as error:
                 raise self._pool_exhausted() from error
         raise AssertionError("unreachable")  # pragma: no cover
@@ -235,12 +232,16 @@ class Database:
                     with suppress(sa_exc.SQLAlchemyError):
                         conn.info.pop(TRANSACTION_NOW, None)
         except sa_exc.DBAPIError as error:
-            outage = self._outage(error)
-            if outage is None:
-                raise
-            raise outage from error
+            self._raise_as_seen(error)
         except sa_exc.TimeoutError as error:
             raise self._pool_exhausted() from error
+
+    def _raise_as_seen(self, error: sa_exc.DBAPIError) -> NoReturn:
+        """``error`` as the caller sees it: an outage is Unavailable, anything else itself."""
+        outage = self._outage(error)
+        if outage is None:
+            raise error
+        raise outage from error
 
     def _pool_exhausted(self) -> Unavailable:
         # No connection to be had: heartbeats cannot be recorded either.
