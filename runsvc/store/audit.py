@@ -37,14 +37,6 @@ def record(
     )
 
 
-def for_run(conn: Connection, run_id: str, *, tenant_id: str | None) -> list[dict[str, Any]]:
-    query = select(audit_events).where(audit_events.c.run_id == run_id)
-    if tenant_id is not None:
-        query = query.where(audit_events.c.tenant_id == tenant_id)
-    rows = conn.execute(query.order_by(audit_events.c.id))
-    return [{**row._asdict(), "detail": json.loads(row.detail)} for row in rows]
-
-
 def recent(
     conn: Connection, *, tenant_id: str | None, run_id: str | None, limit: int
 ) -> list[dict[str, Any]]:

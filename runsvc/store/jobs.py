@@ -285,12 +285,3 @@ def record_result(
         .returning(jobs.c.run_id, jobs.c.lease_epoch, jobs.c.id, jobs.c.slot_token)
     ).one_or_none()
     return _slot_of(row) if row is not None else None
-
-
-def list_for_run(conn: Connection, run_id: str, *, tenant_id: str) -> list[Job]:
-    rows = conn.execute(
-        select(jobs)
-        .where(jobs.c.run_id == run_id, jobs.c.tenant_id == tenant_id)
-        .order_by(jobs.c.seq)
-    )
-    return [_job_from_row(r) for r in rows]
