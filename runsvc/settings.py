@@ -478,7 +478,7 @@ class Settings:
         _bounded_int(1, 10_000),
         "PostgreSQL connections one process opens at most (half kept open); size it per host "
         "with the formula in the capacity guide",
-        shown="twice RUNSVC_GRPC_MAX_WORKERS",
+        shown="twice RUNSVC_GRPC_MAX_WORKERS (64)",
     )
     # Concurrency slots
     tenant_slots: int = setting(
