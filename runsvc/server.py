@@ -305,6 +305,11 @@ class Server:
             raise RuntimeError(f"cannot listen on {settings.health_address}")
         return server, port
 
+    @property
+    def calls_held(self) -> int:
+        """Calls running or queued on the RPC threads (what sheds new ones when busy)."""
+        return self._pool.held
+
     def start(self) -> None:
         if self._startup_cleanup:
             report = self.components.reaper.startup_pass()

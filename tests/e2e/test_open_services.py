@@ -191,6 +191,8 @@ def test_probes_and_heartbeats_are_answered_while_every_rpc_thread_is_busy(
                 return int(found) >= threads
 
             wait_for(waiting_on_the_lock, timeout=20)
+            # Every one of them reached the server: two running, two queued.
+            wait_for(lambda: server.calls_held >= threads * 2, timeout=20)
             # Both ports' health answers at once: probes have threads of their own.
             assert server.health_port is not None
             for port in (server.port, server.health_port):
