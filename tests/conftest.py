@@ -14,12 +14,10 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine
 
 from runsvc.clock import FakeClock
 from runsvc.domain import LivenessPolicy
@@ -28,10 +26,9 @@ from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store.engine import Database, make_engine
 from runsvc.store.schema import metadata
 from tests.redis_process import REDIS_SERVER, RedisProcess
+from tests.support.databases import private_database, require_service, truncate
 
-DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 # For test servers: the per-tenant rate limits out of reach. A test's load must not depend
 # on how fast the machine sends it against a limit that test does not test; the tests of
@@ -42,37 +39,6 @@ BACKEND = Caller(subject="test-backend", role="backend")
 WORKER = Caller(subject="test-worker", role="worker")
 
 
-def pg_base_url() -> str:
-    return os.environ.get("RUNSVC_TEST_DATABASE_URL", DEFAULT_PG_URL)
-
-
-def require_service(name: str, error: Exception) -> None:
-    message = f"{name} is not reachable: {error}"
-    if IN_CI:
-        pytest.fail(message + " (CI=true: a database test is never skipped)")
-    pytest.skip(message)
-
-
-@contextmanager
-def private_database(prefix: str) -> Iterator[str]:
-    """The URL of a new, empty PostgreSQL database named after ``prefix``, dropped afterwards."""
-    base = make_url(pg_base_url())
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:
-        admin.dispose()
-        require_service("PostgreSQL", error)
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session."""
@@ -81,16 +47,6 @@ def postgres_url() -> Iterator[str]:
         metadata.create_all(engine)
         engine.dispose()
         yield url
-
-
-TABLES = "runs, jobs, audit_events, slot_releases, leases"
-
-
-def _truncate(url: str) -> None:
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
-    engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -104,7 +60,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         engine.dispose()
         return url
     url = request.getfixturevalue("postgres_url")
-    _truncate(url)
+    truncate(url)
     return url
 
 

@@ -16,7 +16,6 @@ import pytest
 from runsvc_client import BackendClient, JobSpec, RunState, WorkerClient, target_of
 from runsvc_client.balancing import SERVICE_CONFIG, channel_options
 from tests.clients.conftest import SECRET, token
-from tests.conftest import _truncate
 from tests.e2e.test_cli import (
     ServerProcess,
     clean_environ,
@@ -25,6 +24,7 @@ from tests.e2e.test_cli import (
     kill,
     spawn_server,
 )
+from tests.support.databases import truncate
 
 # --- target strings ----------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ def handled(server: ServerProcess, method: str) -> float:
 
 @pytest.fixture
 def replicas(postgres_url: str, tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    _truncate(postgres_url)
+    truncate(postgres_url)
     started: list[ServerProcess] = []
     try:
         for name in ("a", "b"):

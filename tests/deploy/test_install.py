@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import private_database
 from tests.e2e.test_cli import clean_environ, free_port
+from tests.support.databases import private_database
 
 pytestmark = pytest.mark.postgres
 

@@ -25,11 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runsvc import tokens
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
-from tests.conftest import private_database
 from tests.deploy.k8s_manifests import Manifest, container_env, one, render
 from tests.deploy.test_kubernetes_references import IMAGE_PATHS
 from tests.e2e.test_cli import free_port, kill, runsvc_command, spawn_server
 from tests.keys import claims, ec_key, make_pki, private_pem, public_pem
+from tests.support.databases import private_database
 
 HS256_SECRET = "pod-test-secret-long-enough-for-an-hs256-key"
 JOB_TIMEOUT = 60.0

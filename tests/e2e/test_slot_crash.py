@@ -18,7 +18,6 @@ from sqlalchemy import create_engine, func, select
 
 from runsvc.domain import HeldSlot
 from runsvc.store.schema import slot_releases
-from tests.conftest import _truncate
 from tests.e2e.slot_client import tenant
 from tests.e2e.test_cli import (
     ServerProcess,
@@ -29,6 +28,7 @@ from tests.e2e.test_cli import (
     spawn_server,
 )
 from tests.redis_process import RedisProcess
+from tests.support.databases import truncate
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -69,7 +69,7 @@ def outbox(pg_url: str) -> int:
 def test_release_committed_before_a_crash_is_applied_once_after_restart(
     postgres_url: str, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
-    _truncate(postgres_url)
+    truncate(postgres_url)
     client = redis_server.client()
     first = start(
         tmp_path / "data",

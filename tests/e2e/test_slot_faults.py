@@ -20,9 +20,10 @@ from runsvc.domain import HeldSlot
 from runsvc.server import Server, build
 from runsvc.settings import Settings
 from runsvc.store.schema import jobs, slot_releases
-from tests.conftest import BACKEND, UNLIMITED_RATES, _truncate
+from tests.conftest import BACKEND, UNLIMITED_RATES
 from tests.e2e.slot_client import Tenant, tenant
 from tests.redis_process import RedisProcess
+from tests.support.databases import truncate
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
@@ -35,7 +36,7 @@ RELEASE_BOUND = 10.0  # the issue's bound: pending releases applied within 10 s 
 
 @pytest.fixture
 def pg_url(postgres_url: str) -> str:
-    _truncate(postgres_url)
+    truncate(postgres_url)
     return postgres_url
 
 

@@ -24,7 +24,7 @@ from runsvc.store import check
 from runsvc.store.schema import audit_events, jobs, runs
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
-from tests.conftest import UNLIMITED_RATES, _truncate
+from tests.conftest import UNLIMITED_RATES
 from tests.e2e.test_cli import (
     ServerProcess,
     clean_environ,
@@ -32,6 +32,7 @@ from tests.e2e.test_cli import (
     json_lines,
     spawn_server,
 )
+from tests.support.databases import truncate
 
 pytestmark = pytest.mark.postgres
 
@@ -174,7 +175,7 @@ class Fleet:
 
 @pytest.fixture
 def fleet(postgres_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    _truncate(postgres_url)
+    truncate(postgres_url)
     fleet = Fleet(tmp_path, postgres_url)
     try:
         yield fleet

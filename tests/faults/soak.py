@@ -43,9 +43,9 @@ from runsvc.store import check
 from runsvc.store.schema import audit_events, metadata, runs
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
-from tests.conftest import pg_base_url
 from tests.e2e.test_cli import ServerProcess, free_port, kill
 from tests.faults.conftest import issue, start_server
+from tests.support.databases import pg_base_url
 from tests.support.proxy import TcpProxy
 
 RECONNECT = [

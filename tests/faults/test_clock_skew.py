@@ -21,7 +21,6 @@ import pytest
 
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
-from tests.conftest import IN_CI
 from tests.e2e.test_cli import ServerProcess, json_lines
 from tests.faults.conftest import (
     REAP_INTERVAL,
@@ -30,6 +29,7 @@ from tests.faults.conftest import (
     Store,
     issue,
 )
+from tests.support.databases import IN_CI
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.postgres

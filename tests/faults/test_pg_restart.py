@@ -17,10 +17,10 @@ from sqlalchemy import create_engine
 from runsvc.store.schema import metadata
 from runsvc_client.v1 import run_service_pb2 as pb
 from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
-from tests.conftest import IN_CI, _truncate
 from tests.e2e.test_cli import free_port
 from tests.faults import pg_cluster
 from tests.faults.conftest import FULL, REAP_INTERVAL, Fleet, Store, issue
+from tests.support.databases import IN_CI, truncate
 
 pytestmark = pytest.mark.postgres
 
@@ -53,7 +53,7 @@ def test_a_database_crash_shorter_than_the_threshold_stops_nothing(
 ) -> None:
     if not cluster.running():  # an earlier trial failed while it was down
         cluster.start()
-    _truncate(cluster.url)
+    truncate(cluster.url)
     fleet = Fleet(tmp_path, cluster.url)
     store = Store(cluster.url)
     try:

@@ -17,7 +17,8 @@ from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store import check
 from runsvc.store.engine import Database, make_engine
 from runsvc.store.schema import audit_events
-from tests.conftest import BACKEND, WORKER, _truncate
+from tests.conftest import BACKEND, WORKER
+from tests.support.databases import truncate
 
 pytestmark = pytest.mark.postgres
 
@@ -25,7 +26,7 @@ RUNS = 1000 if os.environ.get("RUNSVC_FAULTS_FULL") == "1" else 150
 
 
 def test_three_replicas_end_every_stale_run_once(postgres_url: str) -> None:
-    _truncate(postgres_url)
+    truncate(postgres_url)
     db_url = postgres_url
     clock = FakeClock()
     policy = LivenessPolicy()

@@ -19,7 +19,8 @@ from runsvc.service import RunService
 from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store import runs as run_store
 from runsvc.store.engine import Database, make_engine
-from tests.conftest import BACKEND, WORKER, _truncate
+from tests.conftest import BACKEND, WORKER
+from tests.support.databases import truncate
 from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def proxied(postgres_url: str) -> Iterator[tuple[TcpProxy, RunService, FakeClock]]:
-    _truncate(postgres_url)
+    truncate(postgres_url)
     url = make_url(postgres_url)
     with TcpProxy(upstream=(url.host or "127.0.0.1", url.port or 5432)) as proxy:
         host, port = proxy.address.rsplit(":", 1)

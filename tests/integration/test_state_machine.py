@@ -35,7 +35,8 @@ from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store import check
 from runsvc.store.engine import Database, make_engine
 from runsvc.store.schema import metadata, runs
-from tests.conftest import BACKEND, WORKER, _truncate
+from tests.conftest import BACKEND, WORKER
+from tests.support.databases import truncate
 
 # CI size: 100 examples on each engine (the 200); RUNSVC_PROPERTY_EXAMPLES for more.
 EXAMPLES = int(os.environ.get("RUNSVC_PROPERTY_EXAMPLES", "100"))
@@ -222,7 +223,7 @@ def test_the_invariants_hold_after_every_step(
         pg = request.getfixturevalue("postgres_url")
 
         def new_url() -> str:
-            _truncate(pg)
+            truncate(pg)
             return pg
 
     run_state_machine_as_test(

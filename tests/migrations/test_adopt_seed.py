@@ -20,7 +20,7 @@ from runsvc.service import RunService
 from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store import adopt, migrate
 from runsvc.store.engine import Database, make_engine
-from tests.conftest import private_database
+from tests.support.databases import private_database
 
 # The monolith's tables before migration 114, as its models defined them (plain
 # TIMESTAMP in UTC, denormalized counters on the run, statuses as text).

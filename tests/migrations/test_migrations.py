@@ -15,7 +15,7 @@ from sqlalchemy import pool
 
 from runsvc.store import adopt, migrate
 from runsvc.store.schema import metadata, runs
-from tests.conftest import private_database
+from tests.support.databases import private_database
 
 
 @pytest.fixture
