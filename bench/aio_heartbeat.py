@@ -3,7 +3,7 @@
 ``python -m bench.aio_heartbeat --port P`` (settings from the environment, like
 ``runsvc serve``) serves ``RunService/Heartbeat`` and health ``Check`` on one event loop.
 A heartbeat does what the sync edge does for it (request id and token from the metadata,
-gRPC metrics, token verification, rate limit, role, tenant scope, validation), then queues
+gRPC metrics, the same ``Gate``: token, rate limit and role; tenant scope, validation), then queues
 its touch with the same group commit (``Heartbeats.submit``) and awaits a future that the
 flusher thread resolves: no thread waits per call. Database work stays on the flusher's
 thread. It answers the question the sync design leaves open: what does the event loop buy
@@ -25,10 +25,16 @@ from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from runsvc import logs, settings, tokens
-from runsvc.api.auth import RPC_RATE_CLASSES, RPC_ROLES, SERVICE, caller_of, tenant_scope
+from runsvc.api.auth import (
+    RPC_RATE_CLASSES,
+    RPC_ROLES,
+    SERVICE,
+    Gate,
+    caller_of,
+    tenant_scope,
+)
 from runsvc.api.convert import timestamp
 from runsvc.api.edge import request_id_and_token
-from runsvc.errors import RateLimited
 from runsvc.metrics.grpc_server import GrpcMetrics
 from runsvc.ratelimit import RateLimiter
 from runsvc.server import build
@@ -40,12 +46,33 @@ from runsvc_client.v1 import run_service_pb2_grpc as pb_grpc
 METHOD = f"/{SERVICE}/Heartbeat"
 
 
+class _Refused(Exception):
+    """The gate refused the call: the arguments for the aio context's ``abort``."""
+
+
+class _Refusing:
+    """An aio context as the sync gate sees it: its refusals raise instead of aborting (an
+    aio context's ``abort`` is a coroutine), everything else is the context's own."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Refused(code, details)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        raise _Refused(status.code, status.details, status.trailing_metadata)
+
+
 class AioHeartbeats(pb_grpc.RunServiceServicer):  # type: ignore[misc]
     def __init__(self, config: settings.Settings, secret: str) -> None:
         self._components = build(config, secret=secret)
         self._service = self._components.service
-        self._verifier = tokens.Verifier(secret=secret)
-        self._limiter = RateLimiter(config.rate_limits)
+        # The sync edge's own gate: the same token check, rate limit and role.
+        self._gate = Gate(tokens.Verifier(secret=secret), limiter=RateLimiter(config.rate_limits))
         self._meter = GrpcMetrics(CollectorRegistry()).meter("unary", SERVICE, "Heartbeat")
         self._allowed = RPC_ROLES["Heartbeat"]
         self._rate_class = RPC_RATE_CLASSES["Heartbeat"]
@@ -68,13 +95,11 @@ class AioHeartbeats(pb_grpc.RunServiceServicer):  # type: ignore[misc]
         self, request: pb.HeartbeatRequest, context: Any, token: str | None
     ) -> pb.HeartbeatResponse:
         try:
-            principal = self._verifier.verify(token or "")
-            key = principal.tenant_id or f"{principal.role}:{principal.subject}"
-            self._limiter.take(self._rate_class, key)
-        except (tokens.Unauthenticated, RateLimited):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authentication required")
-        if principal.role not in self._allowed:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the caller may not do this")
+            principal = self._gate.admit(
+                token, METHOD, self._allowed, self._rate_class, _Refusing(context)
+            )
+        except _Refused as refused:
+            await context.abort(*refused.args)
         check = Checker()
         check.object_id("run_id", request.run_id)
         check.lease_epoch("lease_epoch", request.lease_epoch)

@@ -17,14 +17,6 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 
 
-def set(instant: float | None) -> contextvars.Token[float | None]:
-    return _deadline.set(instant)
-
-
-def reset(token: contextvars.Token[float | None]) -> None:
-    _deadline.reset(token)
-
-
 def remaining() -> float | None:
     """Seconds left for the current call, None outside of one or without a deadline."""
     instant = _deadline.get()

@@ -131,7 +131,9 @@ class BackendUseCases:
             return settled
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Run:
-            run = self._visible(conn, self._resolve(conn, run_id, tenant_id), tenant_id)
+            run = run_store.get_by_ref(conn, run_id, tenant_id=tenant_id)
+            if run is None:
+                raise RunNotVisible(run_id=run_id, tenant_id=tenant_id)
             if self._ended_on_read(conn, notes, run, now, caller):
                 run = self._visible(conn, run.id, tenant_id)
             return run
@@ -158,12 +160,8 @@ class BackendUseCases:
         self, conn: Connection, notes: Notes, run: Run, now: datetime, caller: Caller
     ) -> bool:
         """Stale detection on read: the same guarded finalization the reaper uses."""
-        if run.state is not RunState.RUNNING:
-            return False
-        horizon = self._ctx.stale_horizon(now)
+        horizon = self._ctx.silent_since(run, now)
         if horizon is None:
-            return False
-        if run.last_heartbeat_time is not None and run.last_heartbeat_time >= horizon:
             return False
         candidate = run_store.SilentRun(run.id, run.tenant_id, run.cancel_requested)
         ended = self._ctx.end_lost(

@@ -166,21 +166,28 @@ class Context:
 
     def read_settled(self, find: Callable[[Connection], Run | None]) -> Run | None:
         """The run ``find`` reads, in one statement and no transaction, when that is the whole
-        answer: found, and not a run this replica would judge stale now. None otherwise, and
+        answer: found, and not a run this replica may judge stale now. None otherwise, and
         the caller takes its transactional path (which finalizes a stale run, or audits a
         refused look-up)."""
 
         def read(conn: Connection) -> Run | None:
             run = find(conn)
-            if run is None or run.state is not RunState.RUNNING:
+            if run is None or self.silent_since(run, self.clock.now(conn)) is None:
                 return run
-            horizon = self.stale_horizon(self.clock.now(conn))
-            if horizon is None:
-                return run  # nothing is judged stale now; the transactional path agrees
-            heard = run.last_heartbeat_time
-            return run if heard is not None and heard >= horizon else None
+            return None
 
         return self.db.read(read)
+
+    def silent_since(self, run: Run, now: datetime) -> datetime | None:
+        """The stale horizon if ``run`` may be stale at ``now`` (running, and no heartbeat
+        since the horizon), else None. The guarded statement that would end it re-checks."""
+        if run.state is not RunState.RUNNING:
+            return None
+        horizon = self.stale_horizon(now)
+        heard = run.last_heartbeat_time
+        if horizon is None or (heard is not None and heard >= horizon):
+            return None
+        return horizon
 
     def stale_horizon(self, now: datetime) -> datetime | None:
         """The stale horizon at ``now`` for this replica (None: judge nothing stale now)."""
@@ -306,57 +313,46 @@ class Context:
         ended = []
         audit_rows: list[dict[str, Any]] = []
         for row in rows:
-            one = self._fan_out(conn, notes, row, failed[row.id], ending, now=now)
+            # What follows a run's terminal statement: its slots' release, its log line
+            # (after commit) and its audit row (all rows in one statement below).
+            release = self.release_slots(
+                conn,
+                notes,
+                tenant_id=row.tenant_id,
+                run_id=row.id,
+                slots=failed[row.id].freed,
+                cause=ending.detected_by,
+                now=now,
+            )
+            one = Ended(
+                row.id,
+                row.tenant_id,
+                row.state,
+                reason,
+                failed[row.id].total,
+                failed[row.id].in_progress,
+                release,
+            )
             ended.append(one)
+            detail = _ended_detail(one, ending)
+            notes.add(
+                message="run ended",
+                tag=ending.tag,
+                run_id=row.id,
+                tenant_id=row.tenant_id,
+                **detail,
+            )
             audit_rows.append(
                 {
                     "tag": ending.tag,
                     "action": RUN_ENDED,
-                    "tenant_id": one.tenant_id,
-                    "run_id": one.run_id,
+                    "tenant_id": row.tenant_id,
+                    "run_id": row.id,
                     "actor": ending.caller.subject,
-                    "detail": _ended_detail(one, ending),
+                    "detail": detail,
                 }
             )
         audit.record_many(conn, audit_rows, now=now)
-        return ended
-
-    def _fan_out(
-        self,
-        conn: Connection,
-        notes: Notes,
-        row: run_store.EndedRun,
-        failed: job_store.FailedJobs,
-        ending: Ending,
-        *,
-        now: datetime,
-    ) -> Ended:
-        """What follows a run's terminal statement: its slot release and its log line."""
-        release = self.release_slots(
-            conn,
-            notes,
-            tenant_id=row.tenant_id,
-            run_id=row.id,
-            slots=failed.freed,
-            cause=ending.detected_by,
-            now=now,
-        )
-        ended = Ended(
-            row.id,
-            row.tenant_id,
-            row.state,
-            ending.reason.value if ending.reason else None,
-            failed.total,
-            failed.in_progress,
-            release,
-        )
-        notes.add(
-            message="run ended",
-            tag=ending.tag,
-            run_id=row.id,
-            tenant_id=row.tenant_id,
-            **_ended_detail(ended, ending),
-        )
         return ended
 
     def end_lost(

@@ -52,7 +52,7 @@ class Beat:
     now: datetime
 
 
-class _Waiting:
+class Pending:
     """One queued heartbeat: its touch, then its outcome, and the caller waiting for it.
 
     The caller waits on a lock taken at creation, which the flusher releases once
@@ -80,16 +80,13 @@ class _Waiting:
             self._on_answer()
 
 
-Pending = _Waiting
-
-
 class Heartbeats:
     """Records heartbeats for the worker use cases; see the module docstring."""
 
     def __init__(self, ctx: Context, *, group_commit: GroupCommit | None = None) -> None:
         self._ctx = ctx
         self._policy = group_commit or GroupCommit()
-        self._queue: deque[_Waiting] = deque()
+        self._queue: deque[Pending] = deque()
         self._arrived: deque[float] = deque()  # monotonic arrival time of each queued touch
         lock = threading.Lock()
         self._not_empty = threading.Condition(lock)  # the flusher waits for work
@@ -102,7 +99,7 @@ class Heartbeats:
 
     def record(self, touch: run_store.LeaseTouch, *, caller: Caller) -> Beat:
         """Write one heartbeat; return once it has committed, or raise why it was refused."""
-        waiting = self._enqueue(_Waiting(touch), self._policy)
+        waiting = self._enqueue(Pending(touch), self._policy)
         # The flusher answers every call it takes, even when its flush fails;
         # the bound only guards against a flusher that died.
         if not waiting.wait(self._policy.enqueue_timeout + 30):
@@ -112,7 +109,7 @@ class Heartbeats:
     def submit(self, touch: run_store.LeaseTouch, on_answer: Callable[[], None]) -> Pending:
         """Queue one heartbeat without waiting for it (for an event loop): ``on_answer`` runs
         on the flusher's thread once it is answered; :meth:`outcome` then tells how."""
-        return self._enqueue(_Waiting(touch, on_answer), self._policy)
+        return self._enqueue(Pending(touch, on_answer), self._policy)
 
     def outcome(self, waiting: Pending, *, caller: Caller) -> Beat:
         """The committed heartbeat of an answered ``waiting``, or the reason it was refused."""
@@ -166,7 +163,7 @@ class Heartbeats:
         except Exception:
             log.exception("after-commit work for heartbeats failed")
 
-    def _enqueue(self, waiting: _Waiting, policy: GroupCommit) -> _Waiting:
+    def _enqueue(self, waiting: Pending, policy: GroupCommit) -> Pending:
         deadline = time.monotonic() + policy.enqueue_timeout
         with self._not_full:
             while not self._closing and len(self._queue) >= policy.max_queue:
@@ -184,7 +181,7 @@ class Heartbeats:
                 self._not_empty.notify()
         return waiting
 
-    def _next_batch(self, policy: GroupCommit) -> list[_Waiting] | None:
+    def _next_batch(self, policy: GroupCommit) -> list[Pending] | None:
         with self._not_empty:
             while not self._queue:
                 if self._closing:
@@ -207,7 +204,7 @@ class Heartbeats:
         while (batch := self._next_batch(self._policy)) is not None:
             self._flush(batch)
 
-    def _flush(self, batch: list[_Waiting]) -> None:
+    def _flush(self, batch: list[Pending]) -> None:
         def work(conn: Connection) -> tuple[datetime, list[run_store.Touched]]:
             now = self._ctx.clock.now(conn)  # one clock reading for the whole batch
             return now, run_store.touch_leases(conn, [w.touch for w in batch], now=now)

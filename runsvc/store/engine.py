@@ -148,6 +148,28 @@ class Database:
             yield conn
 
     @contextmanager
+    def _guarded(self) -> Iterator[tuple[Connection, float]]:
+        """A pooled PostgreSQL connection and the seconds this work may take: the call's
+        deadline (capped), or the store's own bound outside a call. The watchdog cuts the
+        connection a little before that if the server cannot answer; the statement timeout
+        the caller sets comes first."""
+        left = deadline.remaining()
+        bound = self.bound_seconds if left is None else min(left, self.bound_seconds)
+        token: int | None = None
+        with self.engine.connect() as conn:
+            try:
+                token = self.watchdog.arm(
+                    conn.connection.dbapi_connection, max(0.05, bound - _WATCHDOG_MARGIN)
+                )
+                yield conn, bound - 2 * _WATCHDOG_MARGIN
+            finally:
+                if token is not None:
+                    self.watchdog.disarm(token)
+                # info outlives the checkout: the next transaction reads its own clock.
+                with suppress(sa_exc.SQLAlchemyError):
+                    conn.info.pop(TRANSACTION_NOW, None)
+
+    @contextmanager
     def _begin_postgres(self) -> Iterator[Connection]:
         """A transaction whose first round trip also begins it, bounds it and reads its clock.
 
@@ -155,34 +177,19 @@ class Database:
         here the connection is in autocommit and the transaction is spelled out, so
         ``BEGIN; SELECT now(), set_config(…)`` is one round trip, and so is COMMIT.
         """
-        left = deadline.remaining()
-        bound = self.bound_seconds if left is None else min(left, self.bound_seconds)
-        # No statement of this call may outlive its (capped) deadline: the server's
-        # own timeout first; the watchdog a little later, for when it cannot answer.
-        timeout = max(1, int((bound - 2 * _WATCHDOG_MARGIN) * 1000))
-        token: int | None = None
-        with self.engine.connect() as conn:
+        with self._guarded() as (conn, seconds):
+            timeout = max(1, int(seconds * 1000))
+            # The transaction's clock, which every use case asks for next (DatabaseClock).
+            conn.info[TRANSACTION_NOW] = conn.exec_driver_sql(
+                f"BEGIN; SELECT now(), set_config('statement_timeout', '{timeout}', true)"
+            ).scalar_one()
             try:
-                token = self.watchdog.arm(
-                    conn.connection.dbapi_connection, max(0.05, bound - _WATCHDOG_MARGIN)
-                )
-                # The transaction's clock, which every use case asks for next (DatabaseClock).
-                conn.info[TRANSACTION_NOW] = conn.exec_driver_sql(
-                    f"BEGIN; SELECT now(), set_config('statement_timeout', '{timeout}', true)"
-                ).scalar_one()
-                try:
-                    yield conn
-                except BaseException:
-                    with suppress(sa_exc.SQLAlchemyError):
-                        conn.exec_driver_sql("ROLLBACK")
-                    raise
-                conn.exec_driver_sql("COMMIT")
-            finally:
-                if token is not None:
-                    self.watchdog.disarm(token)
-                # info outlives the checkout: the next transaction reads its own clock.
+                yield conn
+            except BaseException:
                 with suppress(sa_exc.SQLAlchemyError):
-                    conn.info.pop(TRANSACTION_NOW, None)
+                    conn.exec_driver_sql("ROLLBACK")
+                raise
+            conn.exec_driver_sql("COMMIT")
 
     def run(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in one transaction; commit if it returns, roll back if it raises.
@@ -211,26 +218,14 @@ class Database:
         SQLite an ordinary transaction. ``work`` must only read."""
         if not self._postgres:
             return self.run(work)
-        left = deadline.remaining()
-        bound = self.bound_seconds if left is None else min(left, self.bound_seconds)
-        token: int | None = None
         try:
-            with self.engine.connect() as conn:
-                try:
-                    token = self.watchdog.arm(
-                        conn.connection.dbapi_connection, max(0.05, bound - _WATCHDOG_MARGIN)
-                    )
-                    step = _timeout_step(bound - 2 * _WATCHDOG_MARGIN)
-                    if conn.info.get(_SESSION_TIMEOUT) != step:
-                        conn.info.pop(_SESSION_TIMEOUT, None)  # unknown until the SET is done
-                        conn.exec_driver_sql(f"SET statement_timeout = {step}")
-                        conn.info[_SESSION_TIMEOUT] = step
-                    return work(conn)
-                finally:
-                    if token is not None:
-                        self.watchdog.disarm(token)
-                    with suppress(sa_exc.SQLAlchemyError):
-                        conn.info.pop(TRANSACTION_NOW, None)
+            with self._guarded() as (conn, seconds):
+                step = _timeout_step(seconds)
+                if conn.info.get(_SESSION_TIMEOUT) != step:
+                    conn.info.pop(_SESSION_TIMEOUT, None)  # unknown until the SET is done
+                    conn.exec_driver_sql(f"SET statement_timeout = {step}")
+                    conn.info[_SESSION_TIMEOUT] = step
+                return work(conn)
         except sa_exc.DBAPIError as error:
             self._raise_as_seen(error)
         except sa_exc.TimeoutError as error:

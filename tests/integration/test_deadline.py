@@ -28,13 +28,10 @@ def test_the_deadline_becomes_the_statement_timeout(postgres_url: str) -> None:
     try:
         # Outside a call (the reaper, heartbeat batches): the store's own bound.
         assert db.bound_seconds * 1000 - 500 < _milliseconds(db.run(_timeout)) < 1000 * 30
-        token = deadline.set(time.monotonic() + 2.0)
-        try:
+        with deadline.bound(time.monotonic() + 2.0):
             assert 0 < _milliseconds(db.run(_timeout)) <= 2000
             with pytest.raises(Unavailable):
                 db.run(lambda conn: conn.exec_driver_sql("SELECT pg_sleep(5)"))
-        finally:
-            deadline.reset(token)
         with db.engine.connect() as conn:
             assert _timeout(conn) == "0"  # SET LOCAL ended with its transaction
     finally:
@@ -50,13 +47,10 @@ def test_the_clock_read_with_the_bound_is_the_transactions_own(postgres_url: str
     def readings(conn: Connection) -> tuple[datetime, datetime]:
         return clock.now(conn), conn.exec_driver_sql("SELECT now()").scalar_one()
 
-    token = deadline.set(time.monotonic() + 10.0)
-    try:
+    with deadline.bound(time.monotonic() + 10.0):
         first, first_server = db.run(readings)
         time.sleep(0.01)
         second, second_server = db.run(readings)
-    finally:
-        deadline.reset(token)
     try:
         assert first == first_server and second == second_server
         assert second > first  # the reading did not outlive its transaction

@@ -74,16 +74,13 @@ def test_a_read_of_one_run_is_one_round_trip_and_a_heartbeat_batch_three(
                 max_jobs=1,
                 caller=WORKER,
             )
-            token = deadline.set(time.monotonic() + 10.0)
-            try:
+            with deadline.bound(time.monotonic() + 10.0):
                 with sent(db, proxy) as (active_sent, active_trips):
                     active = service.backend.get_active(tenant_id="t1", caller=BACKEND)
                 with sent(db, proxy) as (get_sent, get_trips):
                     again = service.backend.get_run(
                         tenant_id="t1", run_id=created.id, caller=BACKEND
                     )
-            finally:
-                deadline.reset(token)
             with sent(db, proxy) as (beat_sent, beat_trips):
                 service.worker.heartbeat(
                     tenant_id="t1", run_id=created.id, lease_epoch=claim.lease_epoch, caller=WORKER

@@ -26,13 +26,9 @@ def test_a_partitioned_call_fails_unavailable_before_its_deadline(postgres_url: 
             assert db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar()) == 1
             assert db.trust.since is None  # Context marks trust; a bare run only loses it
             proxy.blackhole()
-            token = deadline.set(time.monotonic() + 1.0)
             started = time.monotonic()
-            try:
-                with pytest.raises(Unavailable):
-                    db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
-            finally:
-                deadline.reset(token)
+            with deadline.bound(started + 1.0), pytest.raises(Unavailable):
+                db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
             took = time.monotonic() - started
             assert took < 1.0, took
             assert db.watchdog.cuts == 1
