@@ -145,10 +145,10 @@ class BackendUseCases:
         number = run_number(ref)
         if number is None:
             return ref
-        run_id = run_store.id_by_number(conn, number, tenant_id=tenant_id)
-        if run_id is None:
+        run = run_store.get_by_ref(conn, ref, tenant_id=tenant_id)
+        if run is None:
             raise RunNotVisible(run_id=ref, tenant_id=tenant_id)
-        return run_id
+        return run.id
 
     def _visible(self, conn: Connection, run_id: str, tenant_id: str | None) -> Run:
         run = run_store.get(conn, run_id, tenant_id=tenant_id)

@@ -108,16 +108,6 @@ def violations(conn: Connection) -> list[Violation]:
     return found
 
 
-def in_progress_by_tenant(conn: Connection) -> dict[str, int]:
-    """Jobs in progress per tenant: what the slots in Redis must add up to."""
-    rows = conn.execute(
-        select(jobs.c.tenant_id, func.count())
-        .where(jobs.c.state == JobState.IN_PROGRESS.value)
-        .group_by(jobs.c.tenant_id)
-    )
-    return {tenant: int(n) for tenant, n in rows}
-
-
 def slot_violations(
     slots: dict[str, tuple[int | None, int]], *, pending_releases: int
 ) -> list[Violation]:

@@ -219,14 +219,6 @@ def get_by_ref(conn: Connection, ref: str, *, tenant_id: str | None) -> Run | No
     return _one_run(conn, "number_of_tenant", {"number": number, "tenant_id": tenant_id})
 
 
-def id_by_number(conn: Connection, number: int, *, tenant_id: str | None) -> str | None:
-    """The id of the run with this number, if the tenant may see it."""
-    found: str | None = conn.execute(
-        select(runs.c.id).where(runs.c.number == number, _scoped(tenant_id))
-    ).scalar_one_or_none()
-    return found
-
-
 def exists(conn: Connection, ref: str, *, tenant_id: str | None) -> bool:
     """Whether a run by this id (or number, all digits) exists within the scope."""
     number = run_number(ref)
