@@ -44,6 +44,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
+def database_cpu_seconds() -> float | None:
+    """CPU seconds of every ``postgres`` process on this host (its backends, WAL writer,
+    checkpointer, autovacuum): what the database spent, when it runs here. None when no
+    PostgreSQL process is visible (a remote database)."""
+    total, seen = 0.0, False
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() != "postgres":
+                continue
+            total += cpu_seconds(int(comm.parent.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # gone meanwhile
+        seen = True
+    return total if seen else None
+
+
 def tree_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU seconds of each process of the server, by pid (one gone meanwhile is left out)."""
     seconds = {}
@@ -153,9 +169,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.warmup)
         measuring = True
         cpu_before, wall_before = tree_cpu_seconds(args.server_pid), time.monotonic()
+        database_before = database_cpu_seconds()
         await asyncio.sleep(args.duration)
         measuring = False
         cpu_after, wall_after = tree_cpu_seconds(args.server_pid), time.monotonic()
+        database_after = database_cpu_seconds()
         await asyncio.gather(*tasks)
     finally:
         for channel in channels:
@@ -179,6 +197,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "p50_ms": percentile(latencies, 0.50) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
         "server_cpu_us_per_call": cpu / max(calls, 1) * 1e6,
+        "database_cpu_us_per_call": (
+            (database_after - database_before) / max(calls, 1) * 1e6
+            if database_before is not None and database_after is not None
+            else None
+        ),
         "channels": args.channels,
         # With `serve --workers N`: CPU seconds of each process (how evenly the load spread).
         "server_cpu_seconds_by_process": sorted(cpu_by_process.values(), reverse=True),

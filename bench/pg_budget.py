@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,21 @@ def _touches(conn: Any) -> list[run_store.LeaseTouch]:
 
 def _wal_lsn(conn: Any) -> int:
     return int(conn.execute(text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).scalar_one())
+
+
+SETTINGS = ("server_version", "synchronous_commit", "fsync", "wal_sync_method", "shared_buffers")
+
+
+def server_settings(url: str) -> dict[str, str]:
+    """The PostgreSQL settings that decide what a commit costs."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {
+                name: str(conn.exec_driver_sql(f"SHOW {name}").scalar_one()) for name in SETTINGS
+            }
+    finally:
+        engine.dispose()
 
 
 def measure(url: str, *, batch: int, writers: int, seconds: float) -> dict[str, Any]:
@@ -83,7 +100,9 @@ def main() -> None:
     parser.add_argument("--database-url", default=default_database_url())
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--batches", default="1,16,64,256")
-    parser.add_argument("--writers", type=int, default=1)
+    parser.add_argument(
+        "--writers", default="1,2", help="flusher counts, each measured at every batch size"
+    )
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     url = create_database(args.database_url)
@@ -95,13 +114,25 @@ def main() -> None:
             )
             conn.execute(text("ANALYZE"))
         engine.dispose()
+        postgresql = server_settings(url)
         results = [
-            measure(url, batch=int(size), writers=args.writers, seconds=args.seconds)
+            measure(url, batch=int(size), writers=int(writers), seconds=args.seconds)
+            for writers in args.writers.split(",")
             for size in args.batches.split(",")
         ]
     finally:
         drop_database(args.database_url, url)
-    report = json.dumps({"machine": machine(), "live_runs": LIVE, "results": results}, indent=2)
+    report = json.dumps(
+        {
+            "command": "python -m bench.pg_budget " + " ".join(sys.argv[1:]),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "postgresql": postgresql,
+            "live_runs": LIVE,
+            "results": results,
+        },
+        indent=2,
+    )
     print(report)
     if args.output is not None:
         args.output.write_text(report + "\n")

@@ -679,7 +679,7 @@ def measure(
                     [
                         ("bare ", bare, [("Check", 64)]),
                         ("", server, PLAN),
-                        ("aio ", aio, [("Heartbeat", 64)]),
+                        ("aio ", aio, [("Heartbeat", 64), ("Check", 64)]),
                     ],
                     targets_file,
                     duration,

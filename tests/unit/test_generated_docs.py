@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
     [
         "gen_perf_doc.py",  # docs/performance.md from bench/results/latest.json
         "gen_settings_doc.py",  # docs/settings.md from runsvc/settings.py
+        "gen_capacity_doc.py",  # docs/capacity.md from the benchmarks' JSON and the defaults
     ],
 )
 def test_the_generated_page_matches_its_source(generator: str) -> None:
