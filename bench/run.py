@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -758,6 +759,9 @@ def main() -> None:
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args()
+    # Stopped by a signal, the run still stops its servers and drops its database (the
+    # ``finally`` blocks) rather than leaving them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     result = measure(
         args.database_url,
