@@ -225,7 +225,10 @@ def profile_table(profile: dict[str, Any], bare: dict[str, Any]) -> list[str]:
 # The parts of a call that runsvc's own code does not choose: the gRPC server (its serving
 # thread, its pools, their hand-offs) and the database's execution of the call's statements.
 FIXED = (GRPC, "database (SQLAlchemy, driver)")
-FIXED_NAMES = {GRPC: "the gRPC server", FIXED[1]: "the database's execution"}
+FIXED_NAMES = {
+    GRPC: "the gRPC server and its threads (runsvc's pools among them)",
+    FIXED[1]: "the database's execution",
+}
 # Throughput goals as fractions of the bare server's rate.
 RATE_GOALS = {"Check@64": 0.9, "Heartbeat@64": 0.5, "GetActive@64": 0.3, "GetRun@64": 0.3}
 # A path that is not profiled on its own, and the profiled path whose work it shares.
@@ -260,8 +263,8 @@ def unmet_explained(result: dict[str, Any], profile: dict[str, Any]) -> list[str
             named = named[0].upper() + named[1:]
         if fixed >= budget:
             text += (
-                f"{named} alone take {fixed:,.0f} µs of it, over the budget before any line of "
-                "runsvc's own code runs."
+                f"{named} alone take {fixed:,.0f} µs of it, over the budget before any line "
+                "of runsvc's own code runs."
             )
         else:
             text += (
