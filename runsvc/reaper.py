@@ -39,9 +39,6 @@ REAPER = Caller(subject="runsvc-reaper", role="system")
 # The reaper's name among the background jobs whose passes are counted.
 PASS_JOB = "reaper"
 
-# (connection, horizon) -> candidates silent since before the horizon
-Finder = Callable[[Connection, datetime], list[run_store.SilentRun]]
-
 
 @dataclass
 class ReapReport:
@@ -68,15 +65,7 @@ class Reaper:
         report = ReapReport()
         stale = self._stale_unless_breaker_trips(report)
         if stale:
-            self._sweep(
-                report,
-                lambda conn, horizon: run_store.find_silent(
-                    conn, silent_since=horizon, limit=self._batch
-                ),
-                self._ctx.stale_horizon,
-                StopReason.HEARTBEAT_TIMEOUT,
-                detected_by,
-            )
+            self._sweep(report, self._ctx.stale_horizon, StopReason.HEARTBEAT_TIMEOUT, detected_by)
         self._end_unacknowledged_cancels(report, detected_by)
         # Only a pass that got this far counts: operators alert on its absence.
         self._ctx.observer.reaper_passed(duration_seconds=time.monotonic() - started)
@@ -95,23 +84,9 @@ class Reaper:
         """
         report = ReapReport()
         policy = self._ctx.policy
+        self._sweep(report, policy.startup_horizon, StopReason.STARTUP_CLEANUP, "startup")
         self._sweep(
-            report,
-            lambda conn, horizon: run_store.find_silent(
-                conn, silent_since=horizon, limit=self._batch
-            ),
-            policy.startup_horizon,
-            StopReason.STARTUP_CLEANUP,
-            "startup",
-        )
-        self._sweep(
-            report,
-            lambda conn, horizon: run_store.find_silent_with_nothing_left(
-                conn, silent_since=horizon, limit=self._batch
-            ),
-            self._ctx.stale_horizon,
-            StopReason.EMPTY_QUEUE,
-            "startup",
+            report, self._ctx.stale_horizon, StopReason.EMPTY_QUEUE, "startup", nothing_left=True
         )
         for reason, count in self.pass_once(detected_by="startup").ended.items():
             report.ended[reason] = report.ended.get(reason, 0) + count
@@ -120,16 +95,21 @@ class Reaper:
     def _sweep(
         self,
         report: ReapReport,
-        find: Finder,
         horizon: Callable[[datetime], datetime | None],
         reason: StopReason,
         detected_by: str,
+        *,
+        nothing_left: bool = False,
     ) -> None:
+        """End, batch by batch, the runs silent since ``horizon`` (with ``nothing_left``, only
+        those with no queued or in-progress job: the seed's empty-queue rule)."""
+
         def work(conn: Connection, now: datetime, notes: Notes) -> tuple[int, list[Ended]]:
             since = horizon(now)
             if since is None:  # no trusted horizon now: judge nothing
                 return 0, []
-            candidates = find(conn, since)
+            guard = run_store.Guard(silent_since=since, nothing_unfinished=nothing_left)
+            candidates = run_store.find_ending(conn, guard, limit=self._batch)
             ended = self._ctx.end_lost(
                 conn,
                 notes,
@@ -183,13 +163,12 @@ class Reaper:
 
         def work(conn: Connection, now: datetime, notes: Notes) -> tuple[int, list[Ended]]:
             before = policy.cancel_horizon(now)
-            candidates = run_store.find_unacknowledged_cancels(
-                conn, requested_before=before, limit=self._batch
-            )
+            guard = run_store.Guard(cancel_requested=True, cancel_requested_before=before)
+            candidates = run_store.find_ending(conn, guard, limit=self._batch)
             ending = Ending(
                 Event.LOST_WHILE_CANCELLING,
                 StopReason.CANCEL_TIMEOUT,
-                run_store.Guard(cancel_requested_before=before),
+                guard,
                 tag="STALE_DETECTION",
                 detected_by=detected_by,
                 caller=REAPER,

@@ -46,11 +46,10 @@ RUN_ENDED = "RUN_ENDED"
 
 @dataclass
 class Notes:
-    """Audit log lines of one transaction, written only once it has committed."""
+    """What one transaction leaves for after its commit: audit log lines, slot releases."""
 
     lines: list[dict[str, Any]] = field(default_factory=list)
     releases: list[SlotRelease] = field(default_factory=list)
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
     def add(self, **fields: Any) -> None:
         self.lines.append(fields)
@@ -58,7 +57,19 @@ class Notes:
     def clear(self) -> None:
         self.lines.clear()
         self.releases.clear()
-        self.after_commit.clear()
+
+
+def lease_lost(run: Run, lease_epoch: int) -> LeaseLost:
+    """Why a fenced write on a visible run matched nothing: the lease is not current (the
+    run ended, or was claimed again), so its former holder must stop."""
+    return LeaseLost(
+        metadata={
+            "run_id": run.id,
+            "lease_epoch": str(lease_epoch),
+            "current_epoch": str(run.lease_epoch),
+            "state": run.state.value,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -160,8 +171,6 @@ class Context:
             self.observer.audited(line)
         for release in notes.releases:
             release.applied = self.slots.apply_release(release)
-        for action in notes.after_commit:
-            action()
         return result
 
     def read_settled(self, find: Callable[[Connection], Run | None]) -> Run | None:
@@ -221,7 +230,7 @@ class Context:
         detail = {"caller": caller.subject, "role": caller.role, "scope": refused.tenant_id}
 
         def work(conn: Connection) -> tuple[str, str]:
-            foreign = run_store.exists(conn, refused.run_id, tenant_id=None)
+            foreign = run_store.get_by_ref(conn, refused.run_id, tenant_id=None) is not None
             tag, action = (
                 ("SECURITY", "RUN_NOT_VISIBLE") if foreign else ("LOOKUP", "RUN_NOT_FOUND")
             )
@@ -245,32 +254,15 @@ class Context:
             audit_log.info("no such run", extra={"audit": line})
         self.observer.audited(line)
 
-    def lease_miss(
-        self,
-        conn: Connection,
-        run_id: str,
-        *,
-        tenant_id: str | None,
-        worker: str | None,
-        lease_epoch: int,
-    ) -> Exception:
-        """Why a fenced write matched nothing: the run is not visible, or the lease is gone.
-
-        A run held by another worker identity is not visible to this one (it
-        gets the answer of a missing run); a run held by nobody any more (it
-        ended) answers LEASE_LOST, so that its former holder stops.
-        """
+    def leased_run(
+        self, conn: Connection, run_id: str, *, tenant_id: str | None, worker: str | None
+    ) -> Run:
+        """The run a lease call names, as its caller may see it. A run held by another worker
+        identity is not visible to this one: it gets the answer of a missing run."""
         run = run_store.get(conn, run_id, tenant_id=tenant_id)
         if run is None or (run.worker_id is not None and not holds_lease(worker, run.worker_id)):
-            return RunNotVisible(run_id=run_id, tenant_id=tenant_id)
-        return LeaseLost(
-            metadata={
-                "run_id": run_id,
-                "lease_epoch": str(lease_epoch),
-                "current_epoch": str(run.lease_epoch),
-                "state": run.state.value,
-            }
-        )
+            raise RunNotVisible(run_id=run_id, tenant_id=tenant_id)
+        return run
 
     def end_runs(
         self,

@@ -28,7 +28,7 @@ from datetime import datetime
 from sqlalchemy import Connection
 
 from runsvc.errors import Unavailable
-from runsvc.service.context import Caller, Context
+from runsvc.service.context import Caller, Context, lease_lost
 from runsvc.store import runs as run_store
 
 log = logging.getLogger(__name__)
@@ -149,13 +149,10 @@ class Heartbeats:
 
     def _refuse(self, conn: Connection, touch: run_store.LeaseTouch) -> Beat:
         """Why a touch matched nothing (read after the batch committed), as the error."""
-        raise self._ctx.lease_miss(
-            conn,
-            touch.run_id,
-            tenant_id=touch.tenant_id,
-            worker=touch.worker,
-            lease_epoch=touch.lease_epoch,
+        run = self._ctx.leased_run(
+            conn, touch.run_id, tenant_id=touch.tenant_id, worker=touch.worker
         )
+        raise lease_lost(run, touch.lease_epoch)
 
     def _after_commit_safely(self, beats: Sequence[Beat]) -> None:
         try:

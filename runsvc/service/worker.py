@@ -11,7 +11,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NoReturn
 
 from sqlalchemy import Connection
 
@@ -32,10 +31,9 @@ from runsvc.errors import (
     InvalidArgument,
     LeaseLost,
     PermissionDenied,
-    RunNotVisible,
 )
 from runsvc.service.acquire import Acquired, JobTaking, Wanted
-from runsvc.service.context import Caller, Context, Ending, Notes
+from runsvc.service.context import Caller, Context, Ending, Notes, lease_lost
 from runsvc.service.heartbeats import Heartbeats
 from runsvc.store import jobs as job_store
 from runsvc.store import runs as run_store
@@ -152,7 +150,7 @@ class WorkerUseCases:
         check.lease_epoch("lease_epoch", lease_epoch)
         return check
 
-    def _touch(
+    def _hold(
         self,
         conn: Connection,
         run_id: str,
@@ -167,11 +165,10 @@ class WorkerUseCases:
 
     def _lost(
         self, conn: Connection, run_id: str, tenant_id: str | None, lease_epoch: int, caller: Caller
-    ) -> NoReturn:
-        """Raise why the caller's lease on the run is not held."""
-        raise self._ctx.lease_miss(
-            conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
-        )
+    ) -> LeaseLost:
+        """Why the caller's lease on the run is not held (raises if the run is not visible)."""
+        run = self._ctx.leased_run(conn, run_id, tenant_id=tenant_id, worker=caller.worker)
+        return lease_lost(run, lease_epoch)
 
     def heartbeat(
         self, *, tenant_id: str | None, run_id: str, lease_epoch: int, caller: Caller
@@ -198,9 +195,10 @@ class WorkerUseCases:
         check.done()
 
         def hold(conn: Connection, now: datetime) -> run_store.Touched:
-            return self._touch(conn, run_id, tenant_id, lease_epoch, caller, now) or self._lost(
-                conn, run_id, tenant_id, lease_epoch, caller
-            )
+            touched = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
+            if touched is None:
+                raise self._lost(conn, run_id, tenant_id, lease_epoch, caller)
+            return touched
 
         return self._taking.acquire(self._ctx, Wanted(run_id, lease_epoch, max_jobs, caller, hold))
 
@@ -218,19 +216,15 @@ class WorkerUseCases:
         check.done()
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Reported:
-            row = self._touch(conn, run_id, tenant_id, lease_epoch, caller, now)
+            row = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
             late = row is None
-            if row is None:
-                miss = self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
-                )
-                if isinstance(miss, RunNotVisible):
-                    raise miss  # missing, another tenant's, or held by another worker
-                run = run_store.get(conn, run_id, tenant_id=tenant_id)
-                assert run is not None
-                run_tenant = run.tenant_id
-            else:
+            if row is not None:
                 run_tenant = row.tenant_id
+            else:  # not visible raises; a visible run whose lease ended takes late results
+                visible = self._ctx.leased_run(
+                    conn, run_id, tenant_id=tenant_id, worker=caller.worker
+                )
+                run_tenant = visible.tenant_id
             return self._record(conn, notes, run_id, run_tenant, lease_epoch, results, late, now)
 
         reported = self._ctx.transact(work, caller=caller)
@@ -331,14 +325,7 @@ class WorkerUseCases:
                 error=error or None,
             )
             ended = self._ctx.end_runs(conn, notes, [run_id], ending, tenant_id=tenant_id, now=now)
-            if not ended:
-                miss = self._ctx.lease_miss(
-                    conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
-                )
-                if isinstance(miss, RunNotVisible):
-                    raise miss  # missing, another tenant's, or held by another worker
-            run = run_store.get(conn, run_id, tenant_id=tenant_id)
-            assert run is not None
+            run = self._ctx.leased_run(conn, run_id, tenant_id=tenant_id, worker=caller.worker)
             if ended:
                 return run
             # A retried FinishRun whose first answer was lost: the run already
@@ -355,8 +342,6 @@ class WorkerUseCases:
                         "in_progress": str(run.job_counts.in_progress),
                     }
                 )
-            raise self._ctx.lease_miss(
-                conn, run_id, tenant_id=tenant_id, worker=caller.worker, lease_epoch=lease_epoch
-            )
+            raise lease_lost(run, lease_epoch)
 
         return self._ctx.transact(work, caller=caller)

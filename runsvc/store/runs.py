@@ -219,13 +219,6 @@ def get_by_ref(conn: Connection, ref: str, *, tenant_id: str | None) -> Run | No
     return _one_run(conn, "number_of_tenant", {"number": number, "tenant_id": tenant_id})
 
 
-def exists(conn: Connection, ref: str, *, tenant_id: str | None) -> bool:
-    """Whether a run by this id (or number, all digits) exists within the scope."""
-    number = run_number(ref)
-    named = runs.c.number == number if number is not None else runs.c.id == ref
-    return conn.execute(select(runs.c.id).where(named, _scoped(tenant_id))).first() is not None
-
-
 def get_by_request(conn: Connection, request_id: str, *, tenant_id: str) -> Run | None:
     return _one_run(conn, "request", {"tenant_id": tenant_id, "request_id": request_id})
 
@@ -298,7 +291,29 @@ class Lease:
     lease_epoch: int
 
 
-def _leased(row: Row[Any] | None) -> Lease | None:
+def _take_lease(
+    conn: Connection,
+    chosen: Select[Any],
+    event: Event,
+    now: datetime,
+    guard: ColumnElement[bool],
+    **values: Any,
+) -> Lease | None:
+    """Move the run ``chosen`` picks by ``event`` under a new lease epoch, if ``guard`` and its
+    state still hold; None if it moved first (another worker won it)."""
+    row = conn.execute(
+        update(runs)
+        .where(runs.c.id == chosen.scalar_subquery(), _state_in(sources(event)), guard)
+        .values(
+            state=target(event).value,
+            lease_epoch=runs.c.lease_epoch + 1,
+            lock_ts=now,
+            last_heartbeat_at=now,
+            updated_at=now,
+            **values,
+        )
+        .returning(runs.c.id, runs.c.tenant_id, runs.c.lease_epoch)
+    ).one_or_none()
     return Lease(row.id, row.tenant_id, row.lease_epoch) if row is not None else None
 
 
@@ -313,21 +328,7 @@ def claim_pending(
         .limit(1)
     )
     oldest = dialect(conn).claiming(oldest, of=runs)
-    row = conn.execute(
-        update(runs)
-        .where(runs.c.id == oldest.scalar_subquery(), _state_in(sources(Event.CLAIM)))
-        .values(
-            state=target(Event.CLAIM).value,
-            worker_id=worker_id,
-            lease_epoch=runs.c.lease_epoch + 1,
-            started_at=now,
-            lock_ts=now,
-            last_heartbeat_at=now,
-            updated_at=now,
-        )
-        .returning(runs.c.id, runs.c.tenant_id, runs.c.lease_epoch)
-    ).one_or_none()
-    return _leased(row)
+    return _take_lease(conn, oldest, Event.CLAIM, now, true(), worker_id=worker_id, started_at=now)
 
 
 def resume_held(
@@ -344,22 +345,7 @@ def resume_held(
         .order_by(runs.c.started_at, runs.c.id)
         .limit(1)
     )
-    row = conn.execute(
-        update(runs)
-        .where(
-            runs.c.id == held.scalar_subquery(),
-            runs.c.worker_id == worker_id,
-            _state_in(sources(Event.RESUME)),
-        )
-        .values(
-            lease_epoch=runs.c.lease_epoch + 1,
-            lock_ts=now,
-            last_heartbeat_at=now,
-            updated_at=now,
-        )
-        .returning(runs.c.id, runs.c.tenant_id, runs.c.lease_epoch)
-    ).one_or_none()
-    return _leased(row)
+    return _take_lease(conn, held, Event.RESUME, now, runs.c.worker_id == worker_id)
 
 
 def request_cancel(
@@ -469,34 +455,29 @@ def end(
 
 @dataclass(frozen=True)
 class SilentRun:
+    """A running run that may end for want of its worker."""
+
     id: str
     tenant_id: str
     cancel_requested: bool
 
 
-def _claim(conn: Connection, query: Select[Any]) -> list[SilentRun]:
+def find_ending(conn: Connection, guard: Guard, *, limit: int) -> list[SilentRun]:
+    """Running runs that ``guard`` lets end, longest silent first, claimed for the rest of
+    the transaction (see :meth:`runsvc.store.dialects.Dialect.claiming`): replicas reaping
+    at once take disjoint batches instead of all reading, then racing for, the same runs.
+
+    The partial indexes on running runs serve it: a silence guard reads the silent runs
+    only, a cancel guard the runs being cancelled, however large the history.
+    """
+    query = (
+        select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
+        .where(runs.c.state == RunState.RUNNING.value, *guard.conditions())
+        .order_by(last_sign_of_life, runs.c.id)
+        .limit(limit)
+    )
     rows = conn.execute(dialect(conn).claiming(query, of=runs))
     return [SilentRun(r.id, r.tenant_id, bool(r.cancel_requested)) for r in rows]
-
-
-# The finders below claim the runs they return for the rest of the transaction
-# (see :meth:`runsvc.store.dialects.Dialect.claiming`): replicas reaping at once take
-# disjoint batches instead of all reading, then racing for, the same runs.
-
-
-def find_silent(conn: Connection, *, silent_since: datetime, limit: int) -> list[SilentRun]:
-    """Running runs with no sign of life since ``silent_since``, oldest first; claimed.
-
-    Served by the partial index on running runs' heartbeats: it reads the
-    silent runs only, however many runs are running or in the history.
-    """
-    return _claim(
-        conn,
-        select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
-        .where(runs.c.state == RunState.RUNNING.value, _silent_before(silent_since))
-        .order_by(last_sign_of_life, runs.c.id)
-        .limit(limit),
-    )
 
 
 def count_running_and_silent(conn: Connection, *, silent_since: datetime) -> tuple[int, int]:
@@ -506,40 +487,6 @@ def count_running_and_silent(conn: Connection, *, silent_since: datetime) -> tup
         select(func.count(), silent).where(runs.c.state == RunState.RUNNING.value)
     ).one()
     return int(row[0]), int(row[1] or 0)
-
-
-def find_unacknowledged_cancels(
-    conn: Connection, *, requested_before: datetime, limit: int
-) -> list[SilentRun]:
-    """Running runs whose cancel request has waited since before ``requested_before``; claimed."""
-    return _claim(
-        conn,
-        select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
-        .where(
-            runs.c.state == RunState.RUNNING.value,
-            runs.c.cancel_requested.is_(True),
-            runs.c.cancel_requested_at < requested_before,
-        )
-        .order_by(runs.c.cancel_requested_at, runs.c.id)
-        .limit(limit),
-    )
-
-
-def find_silent_with_nothing_left(
-    conn: Connection, *, silent_since: datetime, limit: int
-) -> list[SilentRun]:
-    """Silent running runs with no queued and no in-progress job (the seed's empty-queue
-    rule); claimed."""
-    return _claim(
-        conn,
-        select(runs.c.id, runs.c.tenant_id, runs.c.cancel_requested)
-        .where(
-            runs.c.state == RunState.RUNNING.value,
-            _silent_before(silent_since),
-            ~_has_unfinished_jobs,
-        )
-        .limit(limit),
-    )
 
 
 @dataclass(frozen=True)

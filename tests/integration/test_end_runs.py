@@ -131,7 +131,7 @@ def test_a_run_that_spoke_up_after_the_read_is_not_ended(
     clock.advance(31)
     horizon = service.context.policy.stale_horizon(clock.now())
     found = service.context.db.run(
-        lambda c: run_store.find_silent(c, silent_since=horizon, limit=10)
+        lambda c: run_store.find_ending(c, run_store.Guard(silent_since=horizon), limit=10)
     )
     assert {c.id for c in found} == {quiet, lively}
     service.worker.heartbeat(tenant_id="t2", run_id=lively, lease_epoch=1, caller=WORKER)

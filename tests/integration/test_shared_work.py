@@ -174,15 +174,17 @@ def test_replicas_reaping_at_once_take_disjoint_batches(
         # Every candidate row the replicas' reads return, whichever replica read it.
         read: Counter[str] = Counter()
         lock = threading.Lock()
-        find_silent = run_store.find_silent
+        find_ending = run_store.find_ending
 
-        def counting(conn: Connection, **kwargs: object) -> list[run_store.SilentRun]:
-            found = find_silent(conn, **kwargs)  # type: ignore[arg-type]
+        def counting(
+            conn: Connection, guard: run_store.Guard, *, limit: int
+        ) -> list[run_store.SilentRun]:
+            found = find_ending(conn, guard, limit=limit)
             with lock:
                 read[threading.current_thread().name] += len(found)
             return found
 
-        monkeypatch.setattr(run_store, "find_silent", counting)
+        monkeypatch.setattr(run_store, "find_ending", counting)
         reports: dict[str, ReapReport] = {}
 
         def reaper(svc: RunService) -> Callable[[], None]:
@@ -227,7 +229,8 @@ def test_a_pass_skips_runs_another_replica_has_claimed(postgres_url: str) -> Non
         with dbs[0].engine.connect() as held:
             # The store's engine is in autocommit (Database spells out its transactions).
             held.exec_driver_sql("BEGIN")
-            assert len(run_store.find_silent(held, silent_since=since, limit=10)) == 5
+            silent = run_store.Guard(silent_since=since)
+            assert len(run_store.find_ending(held, silent, limit=10)) == 5
             # Replica 1 does not wait for it, and takes none of its runs.
             report = Reaper(services[1].context).pass_once()
             assert (report.claimed, report.total) == (0, 0)
