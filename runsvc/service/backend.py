@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -64,6 +64,13 @@ def _check_run_ref(check: Checker, ref: str) -> None:
         check.fail("run_id", f"a run number is between 1 and {LARGEST_RUN_NUMBER}")
 
 
+def _already_ended(run: Run) -> InvalidTransition:
+    return InvalidTransition(
+        f"the run already ended as {run.state.value}",
+        metadata={"run_id": run.id, "state": run.state.value},
+    )
+
+
 class BackendUseCases:
     def __init__(self, ctx: Context, limits: Limits, pages: PageTokens) -> None:
         self._ctx = ctx
@@ -103,19 +110,7 @@ class BackendUseCases:
 
     def get_active(self, *, tenant_id: str, caller: Caller) -> Run:
         """The tenant's live run; a run whose worker went silent is finalized, never reported."""
-        settled = self._ctx.read_settled(
-            lambda conn: run_store.get_active(conn, tenant_id=tenant_id)
-        )
-        if settled is not None:
-            return settled
-
-        def work(conn: Connection, now: datetime, notes: Notes) -> Run | None:
-            run = run_store.get_active(conn, tenant_id=tenant_id)
-            if run is not None and self._ended_on_read(conn, notes, run, now, caller):
-                return None
-            return run
-
-        run = self._ctx.transact(work, caller=caller)
+        run = self._read_live(lambda conn: run_store.get_active(conn, tenant_id=tenant_id), caller)
         if run is None:
             raise NoActiveRun()
         return run
@@ -124,21 +119,55 @@ class BackendUseCases:
         check = Checker()
         _check_run_ref(check, run_id)
         check.done()
-        settled = self._ctx.read_settled(
-            lambda conn: run_store.get_by_ref(conn, run_id, tenant_id=tenant_id)
+        run = self._read_live(
+            lambda conn: run_store.get_by_ref(conn, run_id, tenant_id=tenant_id),
+            caller,
+            missing=RunNotVisible(run_id=run_id, tenant_id=tenant_id),
         )
+        assert run is not None
+        return run
+
+    def _read_live(
+        self,
+        find: Callable[[Connection], Run | None],
+        caller: Caller,
+        *,
+        missing: RunNotVisible | None = None,
+    ) -> Run | None:
+        """The run ``find`` reads, as it is now: in one statement when that settles it, else
+        in a transaction that first ends it if its worker went silent (stale detection on
+        read, the guarded finalization the reaper uses) and reads it again. ``missing`` is
+        raised in that transaction when nothing is found, so the refused look-up is audited."""
+        settled = self._ctx.read_settled(find)
         if settled is not None:
             return settled
 
-        def work(conn: Connection, now: datetime, notes: Notes) -> Run:
-            run = run_store.get_by_ref(conn, run_id, tenant_id=tenant_id)
-            if run is None:
-                raise RunNotVisible(run_id=run_id, tenant_id=tenant_id)
-            if self._ended_on_read(conn, notes, run, now, caller):
-                run = self._visible(conn, run.id, tenant_id)
-            return run
+        def work(conn: Connection, now: datetime, notes: Notes) -> Run | None:
+            run = find(conn)
+            if run is None and missing is not None:
+                raise missing
+            horizon = None if run is None else self._ctx.silent_since(run, now)
+            if run is None or horizon is None:
+                return run
+            ended = self._ctx.end_lost(
+                conn,
+                notes,
+                [run_store.SilentRun(run.id, run.tenant_id, run.cancel_requested)],
+                now=now,
+                silent_since=horizon,
+                reason=StopReason.HEARTBEAT_TIMEOUT,
+                detected_by="read",
+                caller=caller,
+            )
+            return find(conn) if ended else run
 
         return self._ctx.transact(work, caller=caller)
+
+    def _check_cancel(self, ref: str, reason: str) -> None:
+        check = Checker()
+        _check_run_ref(check, ref)
+        check.text("reason", reason, max_length=self._limits.max_text_length)
+        check.done()
 
     def _resolve(self, conn: Connection, ref: str, tenant_id: str | None) -> str:
         """The run id that ``ref`` (an id, or a number) names, if the tenant may see it."""
@@ -155,26 +184,6 @@ class BackendUseCases:
         if run is None:
             raise RunNotVisible(run_id=run_id, tenant_id=tenant_id)
         return run
-
-    def _ended_on_read(
-        self, conn: Connection, notes: Notes, run: Run, now: datetime, caller: Caller
-    ) -> bool:
-        """Stale detection on read: the same guarded finalization the reaper uses."""
-        horizon = self._ctx.silent_since(run, now)
-        if horizon is None:
-            return False
-        candidate = run_store.SilentRun(run.id, run.tenant_id, run.cancel_requested)
-        ended = self._ctx.end_lost(
-            conn,
-            notes,
-            [candidate],
-            now=now,
-            silent_since=horizon,
-            reason=StopReason.HEARTBEAT_TIMEOUT,
-            detected_by="read",
-            caller=caller,
-        )
-        return bool(ended)
 
     def list_runs(
         self,
@@ -204,10 +213,7 @@ class BackendUseCases:
     def cancel(self, *, tenant_id: str | None, run_id: str, reason: str, caller: Caller) -> Run:
         """Cooperative cancel; idempotent. A pending run has no worker to ask, so it ends now."""
         ref = run_id
-        check = Checker()
-        _check_run_ref(check, run_id)
-        check.text("reason", reason, max_length=self._limits.max_text_length)
-        check.done()
+        self._check_cancel(run_id, reason)
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Run:
             run_id = self._resolve(conn, ref, tenant_id)
@@ -231,10 +237,7 @@ class BackendUseCases:
                 elif run.state is RunState.RUNNING or run.state is RunState.CANCELLED:
                     return run
                 else:
-                    raise InvalidTransition(
-                        f"the run already ended as {run.state.value}",
-                        metadata={"run_id": run_id, "state": run.state.value},
-                    )
+                    raise _already_ended(run)
             return self._visible(conn, run_id, tenant_id)
 
         return self._ctx.transact(work, caller=caller)
@@ -244,10 +247,7 @@ class BackendUseCases:
     ) -> ForceCancelled:
         """Immediate and final, whether or not the worker is alive; idempotent."""
         ref = run_id
-        check = Checker()
-        _check_run_ref(check, run_id)
-        check.text("reason", reason, max_length=self._limits.max_text_length)
-        check.done()
+        self._check_cancel(run_id, reason)
 
         def work(conn: Connection, now: datetime, notes: Notes) -> ForceCancelled:
             run_id = self._resolve(conn, ref, tenant_id)
@@ -266,9 +266,6 @@ class BackendUseCases:
                 return ForceCancelled(run, one.failed_jobs, one.released_slots, one.release)
             if run.state is RunState.CANCELLED:
                 return ForceCancelled(run, 0, 0)
-            raise InvalidTransition(
-                f"the run already ended as {run.state.value}",
-                metadata={"run_id": run_id, "state": run.state.value},
-            )
+            raise _already_ended(run)
 
         return self._ctx.transact(work, caller=caller)

@@ -154,12 +154,6 @@ class Heartbeats:
         )
         raise lease_lost(run, touch.lease_epoch)
 
-    def _after_commit_safely(self, beats: Sequence[Beat]) -> None:
-        try:
-            self.after_commit(beats)
-        except Exception:
-            log.exception("after-commit work for heartbeats failed")
-
     def _enqueue(self, waiting: Pending, policy: GroupCommit) -> Pending:
         deadline = time.monotonic() + policy.enqueue_timeout
         with self._not_full:
@@ -226,6 +220,9 @@ class Heartbeats:
                 waiting.beat = Beat(match, now)
                 beats.append(waiting.beat)
         if beats:
-            self._after_commit_safely(beats)
+            try:
+                self.after_commit(beats)
+            except Exception:
+                log.exception("after-commit work for heartbeats failed")
         for waiting in batch:
             waiting.answer()
