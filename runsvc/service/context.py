@@ -234,16 +234,10 @@ class Context:
             tag, action = (
                 ("SECURITY", "RUN_NOT_VISIBLE") if foreign else ("LOOKUP", "RUN_NOT_FOUND")
             )
-            audit.record(
-                conn,
-                tag=tag,
-                action=action,
-                tenant_id=refused.tenant_id,
-                run_id=refused.run_id,
-                actor=caller.subject,
-                now=self.clock.now(conn),
-                detail=detail,
+            event = audit.AuditEvent(
+                tag, action, refused.tenant_id, refused.run_id, caller.subject, detail
             )
+            audit.record(conn, [event], now=self.clock.now(conn))
             return tag, action
 
         tag, action = self.db.run(work)
@@ -303,27 +297,22 @@ class Context:
             now=now,
         )
         ended = []
-        audit_rows: list[dict[str, Any]] = []
+        events: list[audit.AuditEvent] = []
         for row in rows:
             # What follows a run's terminal statement: its slots' release, its log line
             # (after commit) and its audit row (all rows in one statement below).
+            jobs = failed[row.id]
             release = self.release_slots(
                 conn,
                 notes,
                 tenant_id=row.tenant_id,
                 run_id=row.id,
-                slots=failed[row.id].freed,
+                slots=jobs.freed,
                 cause=ending.detected_by,
                 now=now,
             )
             one = Ended(
-                row.id,
-                row.tenant_id,
-                row.state,
-                reason,
-                failed[row.id].total,
-                failed[row.id].in_progress,
-                release,
+                row.id, row.tenant_id, row.state, reason, jobs.total, jobs.in_progress, release
             )
             ended.append(one)
             detail = _ended_detail(one, ending)
@@ -334,17 +323,12 @@ class Context:
                 tenant_id=row.tenant_id,
                 **detail,
             )
-            audit_rows.append(
-                {
-                    "tag": ending.tag,
-                    "action": RUN_ENDED,
-                    "tenant_id": row.tenant_id,
-                    "run_id": row.id,
-                    "actor": ending.caller.subject,
-                    "detail": detail,
-                }
+            events.append(
+                audit.AuditEvent(
+                    ending.tag, RUN_ENDED, row.tenant_id, row.id, ending.caller.subject, detail
+                )
             )
-        audit.record_many(conn, audit_rows, now=now)
+        audit.record(conn, events, now=now)
         return ended
 
     def end_lost(

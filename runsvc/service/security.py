@@ -99,16 +99,8 @@ class SecurityAudit:
         detail = {"count": count, "samples": samples}
 
         def work(conn: Connection) -> None:
-            audit.record(
-                conn,
-                tag=SECURITY,
-                action=action,
-                tenant_id=tenant_id,
-                run_id=None,
-                actor=None,
-                now=self._ctx.clock.now(conn),
-                detail=detail,
-            )
+            event = audit.AuditEvent(SECURITY, action, tenant_id, None, None, detail)
+            audit.record(conn, [event], now=self._ctx.clock.now(conn))
 
         try:
             self._ctx.db.run(work)

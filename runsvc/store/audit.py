@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -13,27 +14,34 @@ from runsvc.domain import LARGEST_RUN_NUMBER, run_number
 from runsvc.store.schema import audit_events, runs
 
 
-def record(
-    conn: Connection,
-    *,
-    tag: str,
-    action: str,
-    tenant_id: str | None,
-    run_id: str | None,
-    actor: str | None,
-    now: datetime,
-    detail: Mapping[str, Any] | None = None,
-) -> None:
+@dataclass(frozen=True)
+class AuditEvent:
+    tag: str
+    action: str
+    tenant_id: str | None
+    run_id: str | None
+    actor: str | None
+    detail: Mapping[str, Any]
+
+
+def record(conn: Connection, events: Sequence[AuditEvent], *, now: datetime) -> None:
+    """Audit rows, one statement for any number of them."""
+    if not events:
+        return
     conn.execute(
-        audit_events.insert().values(
-            created_at=now,
-            tag=tag,
-            action=action,
-            tenant_id=tenant_id,
-            run_id=run_id,
-            actor=actor,
-            detail=json.dumps(dict(detail or {}), sort_keys=True, default=str),
-        )
+        audit_events.insert(),
+        [
+            {
+                "created_at": now,
+                "tag": e.tag,
+                "action": e.action,
+                "tenant_id": e.tenant_id,
+                "run_id": e.run_id,
+                "actor": e.actor,
+                "detail": json.dumps(dict(e.detail), sort_keys=True, default=str),
+            }
+            for e in events
+        ],
     )
 
 
@@ -58,28 +66,3 @@ def _names_run(ref: str) -> ColumnElement[bool]:
         return audit_events.c.run_id == ref
     numbered = select(runs.c.id).where(runs.c.number == number).scalar_subquery()
     return or_(audit_events.c.run_id == ref, audit_events.c.run_id == numbered)
-
-
-def record_many(conn: Connection, events: Sequence[Mapping[str, Any]], *, now: datetime) -> None:
-    """Several rows as :func:`record` writes them, in one statement.
-
-    Each event holds ``tag``, ``action``, ``tenant_id``, ``run_id``, ``actor``
-    and ``detail``.
-    """
-    if not events:
-        return
-    conn.execute(
-        audit_events.insert(),
-        [
-            {
-                "created_at": now,
-                "tag": e["tag"],
-                "action": e["action"],
-                "tenant_id": e["tenant_id"],
-                "run_id": e["run_id"],
-                "actor": e["actor"],
-                "detail": json.dumps(dict(e["detail"] or {}), sort_keys=True, default=str),
-            }
-            for e in events
-        ],
-    )

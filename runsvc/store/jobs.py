@@ -219,22 +219,17 @@ class HeldJob:
     id: str
     state: JobState
     lease_epoch: int | None
-    stop_reason: str | None
-    late: bool
 
 
 def held_by_run(
     conn: Connection, run_id: str, job_ids: Sequence[str], *, tenant_id: str
 ) -> dict[str, HeldJob]:
     rows = conn.execute(
-        select(jobs.c.id, jobs.c.state, jobs.c.lease_epoch, jobs.c.stop_reason, jobs.c.late).where(
+        select(jobs.c.id, jobs.c.state, jobs.c.lease_epoch).where(
             jobs.c.run_id == run_id, jobs.c.tenant_id == tenant_id, jobs.c.id.in_(job_ids)
         )
     )
-    return {
-        r.id: HeldJob(r.id, JobState(r.state), r.lease_epoch, r.stop_reason, bool(r.late))
-        for r in rows
-    }
+    return {r.id: HeldJob(r.id, JobState(r.state), r.lease_epoch) for r in rows}
 
 
 def record_result(
