@@ -8,30 +8,9 @@ rolled back to) and is idempotent: ids are derived from the monolith's ids,
 and a row whose id is already present is left alone, so a second run copies
 nothing and changes nothing.
 
-The mapping (also in docs/runbook.md):
-
-* a run's tenant is its ``business_id``; its ``request_id`` is ``seed-run-<id>``; its
-  ``number`` is the monolith's id, so the UI's URLs keep naming it, and new runs are
-  numbered above the largest adopted one (on PostgreSQL the sequence is moved past it);
-* statuses: pending, running, completed, failed, cancelled (or canceled) and
-  stopped map to the runsvc state of the same meaning; any other status
-  becomes STOPPED with the reason ``SEED_UNKNOWN_STATUS``;
-* a running or pending run gets ``last_heartbeat_at = COALESCE(last_heartbeat_at,
-  lock_ts, updated_at, created_at)`` (migration 114's backfill); runsvc's
-  staleness rules then judge it like any other, so a run whose worker died
-  long ago is stopped by the next reaper pass;
-* only a running run keeps its worker lock (``locked_by_worker``, ``lock_ts``),
-  under lease epoch 1;
-* the monolith allowed several live runs per business (the bug runsvc
-  fixes); runsvc allows one: the newest stays live, the others become STOPPED
-  with the reason ``SEED_SUPERSEDED``;
-* job statuses: queued → QUEUED; in_progress, dialing, calling, ringing →
-  IN_PROGRESS; completed → COMPLETED; failed → FAILED; cancelled, canceled,
-  skipped → FAILED with ``CANCELLED_BY_USER``; anything else FAILED with
-  ``SEED_UNKNOWN_STATUS``. A job left unfinished on a run that ended failed
-  as runsvc fails it (the run's reason, or WORKER_LOST if it was in progress);
-* a job's ``external_id`` is ``seed-job-<id>`` and its payload the JSON of its
-  phone number, lead id and call sid. Naive timestamps are read as UTC.
+The mapping of each field and status is the run book's table ("Adopting the
+monolith's database", docs/runbook.md); :data:`RUN_STATUSES`, :data:`JOB_STATUSES`,
+:func:`_run_values` and :func:`_job_values` are its code.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Row, func, select, update
+from sqlalchemy import ColumnElement, Connection, Row, Select, func, select, update
 
 from runsvc.domain import HeldSlot, Job, JobOutcome, JobSpec, JobState, StopReason
 from runsvc.store.dialects import dialect
@@ -61,20 +61,22 @@ def _slot_of(row: Any) -> HeldSlot:
     return HeldSlot(row.run_id, row.lease_epoch, row.id, row.slot_token or "")
 
 
+def _next_queued(run_id: str, tenant_id: str, limit: int) -> Select[Any]:
+    return (
+        select(jobs.c.id)
+        .where(
+            jobs.c.run_id == run_id,
+            jobs.c.tenant_id == tenant_id,
+            jobs.c.state == JobState.QUEUED.value,
+        )
+        .order_by(jobs.c.seq)
+        .limit(limit)
+    )
+
+
 def queued_ids(conn: Connection, run_id: str, *, tenant_id: str, limit: int) -> list[str]:
     """The ids of the run's next queued jobs, in creation order; a read, nothing locked."""
-    return list(
-        conn.execute(
-            select(jobs.c.id)
-            .where(
-                jobs.c.run_id == run_id,
-                jobs.c.tenant_id == tenant_id,
-                jobs.c.state == JobState.QUEUED.value,
-            )
-            .order_by(jobs.c.seq)
-            .limit(limit)
-        ).scalars()
-    )
+    return list(conn.execute(_next_queued(run_id, tenant_id, limit)).scalars())
 
 
 def take_reserved(
@@ -128,17 +130,7 @@ def take_queued(
     """Mark up to ``limit`` queued jobs of the run in progress, in creation order."""
     if limit <= 0:
         return []
-    next_ids = (
-        select(jobs.c.id)
-        .where(
-            jobs.c.run_id == run_id,
-            jobs.c.tenant_id == tenant_id,
-            jobs.c.state == JobState.QUEUED.value,
-        )
-        .order_by(jobs.c.seq)
-        .limit(limit)
-    )
-    next_ids = dialect(conn).claiming(next_ids, of=jobs)
+    next_ids = dialect(conn).claiming(_next_queued(run_id, tenant_id, limit), of=jobs)
     # A CTE runs once; PostgreSQL may re-run an `IN (… LIMIT n)` subquery and
     # so take more than n rows.
     picked = next_ids.cte("picked")
