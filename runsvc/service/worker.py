@@ -100,34 +100,34 @@ class WorkerUseCases:
             raise PermissionDenied("the caller may not act as this worker")
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Claim | None:
-            resumed = run_store.resume_held(conn, tenant_id=tenant_id, worker_id=worker_id, now=now)
-            if resumed is not None:
+            lease = run_store.resume_held(conn, tenant_id=tenant_id, worker_id=worker_id, now=now)
+            resumed = lease is not None
+            if lease is not None:
                 # The crashed incarnation's jobs have an unknown outcome: they
                 # fail as WORKER_LOST, and a late result from it is still kept.
                 freed = job_store.fail_in_progress(
-                    conn, [resumed.run_id], tenant_id=resumed.tenant_id, now=now
+                    conn, [lease.run_id], tenant_id=lease.tenant_id, now=now
                 )
                 self._ctx.release_slots(
                     conn,
                     notes,
-                    tenant_id=resumed.tenant_id,
-                    run_id=resumed.run_id,
-                    slots=freed.get(resumed.run_id, []),
+                    tenant_id=lease.tenant_id,
+                    run_id=lease.run_id,
+                    slots=freed.get(lease.run_id, []),
                     cause="resume",
                     now=now,
                 )
-                run = run_store.get(conn, resumed.run_id, tenant_id=tenant_id)
-                assert run is not None
-                return Claim(run, resumed.lease_epoch, resumed=True)
-            for _ in range(_CLAIM_ATTEMPTS):
-                claimed = run_store.claim_pending(
+            for _ in range(0 if resumed else _CLAIM_ATTEMPTS):
+                lease = run_store.claim_pending(
                     conn, tenant_id=tenant_id, worker_id=worker_id, now=now
                 )
-                if claimed is not None:
-                    run = run_store.get(conn, claimed.run_id, tenant_id=tenant_id)
-                    assert run is not None
-                    return Claim(run, claimed.lease_epoch, resumed=False)
-            return None
+                if lease is not None:
+                    break
+            if lease is None:
+                return None
+            run = run_store.get(conn, lease.run_id, tenant_id=tenant_id)
+            assert run is not None
+            return Claim(run, lease.lease_epoch, resumed)
 
         claim = self._ctx.transact(work, caller=caller)
         if claim is not None:
@@ -163,13 +163,6 @@ class WorkerUseCases:
         touch = run_store.LeaseTouch(run_id, tenant_id, lease_epoch, worker=caller.worker)
         return next(iter(run_store.touch_leases(conn, [touch], now=now)), None)
 
-    def _lost(
-        self, conn: Connection, run_id: str, tenant_id: str | None, lease_epoch: int, caller: Caller
-    ) -> LeaseLost:
-        """Why the caller's lease on the run is not held (raises if the run is not visible)."""
-        run = self._ctx.leased_run(conn, run_id, tenant_id=tenant_id, worker=caller.worker)
-        return lease_lost(run, lease_epoch)
-
     def heartbeat(
         self, *, tenant_id: str | None, run_id: str, lease_epoch: int, caller: Caller
     ) -> HeartbeatAck:
@@ -196,8 +189,11 @@ class WorkerUseCases:
 
         def hold(conn: Connection, now: datetime) -> run_store.Touched:
             touched = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
-            if touched is None:
-                raise self._lost(conn, run_id, tenant_id, lease_epoch, caller)
+            if touched is None:  # why: the run is not visible (raised here), or the lease is gone
+                visible = self._ctx.leased_run(
+                    conn, run_id, tenant_id=tenant_id, worker=caller.worker
+                )
+                raise lease_lost(visible, lease_epoch)
             return touched
 
         return self._taking.acquire(self._ctx, Wanted(run_id, lease_epoch, max_jobs, caller, hold))
