@@ -150,7 +150,7 @@ class WorkerUseCases:
         check.lease_epoch("lease_epoch", lease_epoch)
         return check
 
-    def _hold(
+    def _touch_lease(
         self,
         conn: Connection,
         run_id: str,
@@ -188,8 +188,8 @@ class WorkerUseCases:
         check.done()
 
         def hold(conn: Connection, now: datetime) -> run_store.Touched:
-            touched = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
-            if touched is None:  # why: the run is not visible (raised here), or the lease is gone
+            touched = self._touch_lease(conn, run_id, tenant_id, lease_epoch, caller, now)
+            if touched is None:  # raise why: the run is not visible, or its lease is gone
                 visible = self._ctx.leased_run(
                     conn, run_id, tenant_id=tenant_id, worker=caller.worker
                 )
@@ -212,7 +212,7 @@ class WorkerUseCases:
         check.done()
 
         def work(conn: Connection, now: datetime, notes: Notes) -> Reported:
-            row = self._hold(conn, run_id, tenant_id, lease_epoch, caller, now)
+            row = self._touch_lease(conn, run_id, tenant_id, lease_epoch, caller, now)
             late = row is None
             if row is not None:
                 run_tenant = row.tenant_id
