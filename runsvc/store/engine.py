@@ -17,7 +17,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from sqlalchemy import Connection, Engine, Select, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
@@ -30,7 +30,6 @@ from runsvc.trust import TrustTracker
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-S = TypeVar("S", bound=Select[Any])
 
 # PostgreSQL SQLSTATEs for a transaction that lost a race and can simply run again.
 _RETRYABLE_PG_CODES = frozenset({"40001", "40P01"})

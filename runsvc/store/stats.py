@@ -23,6 +23,13 @@ from runsvc.store.schema import runs
 OTHER_TENANTS = "_other"
 
 
+def _utc(value: datetime | str) -> datetime:
+    """A time computed by the database (min(), coalesce()), which SQLite returns as text
+    and without its zone: aware UTC on every engine."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 @dataclass(frozen=True)
 class LiveRuns:
     """What the exporter shows about running runs and their heartbeats."""
@@ -88,11 +95,7 @@ def live_runs(
         select(*columns).where(runs.c.state.in_(sorted(s.value for s in ACTIVE_STATES)))
     ).one()
     count = int(row.running)
-    oldest = row.oldest
-    if isinstance(oldest, str):  # SQLite returns min() over an expression as text
-        oldest = datetime.fromisoformat(oldest)
-    if oldest is not None and oldest.tzinfo is None:
-        oldest = oldest.replace(tzinfo=UTC)
+    oldest = _utc(row.oldest) if row.oldest is not None else None
     epoch_sum = float(row.epoch_sum or 0.0)
     return LiveRuns(
         running=count,
@@ -156,11 +159,7 @@ def longest_silences(conn: Connection, *, now: datetime, limit: int) -> list[Sil
     ).all()
     found = []
     for row in rows:
-        seen = row.seen
-        if isinstance(seen, str):  # SQLite returns coalesce() over timestamps as text
-            seen = datetime.fromisoformat(seen)
-        if seen.tzinfo is None:
-            seen = seen.replace(tzinfo=UTC)
+        seen = _utc(row.seen)
         found.append(
             Silence(
                 run_id=row.id,
