@@ -59,10 +59,10 @@ buf-lint: $(NODE_STAMP) ## Lint and format-check the .proto files with buf
 
 lint: lint-py buf-lint ## ruff, mypy and buf lint
 
-lint-py: $(INSTALL_STAMP) ## ruff check, ruff format --check, mypy on the server and client packages
+lint-py: $(INSTALL_STAMP) ## ruff check, ruff format --check, mypy on the server, its tests and the client
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
-	$(VENV)/bin/mypy runsvc
+	$(VENV)/bin/mypy runsvc tests
 	$(VENV)/bin/mypy --strict clients/runsvc_client clients/examples
 
 services: ## Make sure PostgreSQL and Redis are reachable for the tests

@@ -78,7 +78,7 @@ def claims(
 
 def unsigned(body: dict[str, Any]) -> str:
     """``alg: none``: a token with no signature at all."""
-    return jwt.encode(body, None, algorithm="none")
+    return jwt.encode(body, "", algorithm="none")  # "none" takes no key
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ database answers with nothing and a broken one names what is wrong.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Subquery, and_, func, select
@@ -109,7 +110,7 @@ def violations(conn: Connection) -> list[Violation]:
 
 
 def slot_violations(
-    slots: dict[str, tuple[int | None, int]], *, pending_releases: int
+    slots: Mapping[str, tuple[int | None, int]], *, pending_releases: int
 ) -> list[Violation]:
     """Slots in Redis against jobs in progress: ``{tenant: (in_use, in_progress)}``.
 

@@ -263,8 +263,8 @@ def test_services_target_named_container_ports(objects: list[Manifest]) -> None:
     }
     # The services clients use carry gRPC only: the metrics are Prometheus's alone.
     for name in ("runsvc", "runsvc-headless"):
-        ports = [p["name"] for p in one(objects, "Service", name)["spec"]["ports"]]
-        assert ports == ["grpc"], (name, ports)
+        names = [p["name"] for p in one(objects, "Service", name)["spec"]["ports"]]
+        assert names == ["grpc"], (name, names)
     ports = container_ports(objects)
     for service in services:
         for port in service["spec"]["ports"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -250,13 +251,12 @@ def test_a_failed_flush_answers_every_waiting_call_unavailable(clock: FakeClock)
     service = grouped(down, clock, GroupCommit(max_batch=64, max_delay=0.2))
     try:
         calls: dict[str, Call] = {
-            f"c{i}": (
-                lambda i=i: service.worker.heartbeat(
-                    tenant_id="t1",
-                    run_id=f"00000000-0000-4000-8000-{i:012d}",
-                    lease_epoch=1,
-                    caller=WORKER,
-                )
+            f"c{i}": partial(
+                service.worker.heartbeat,
+                tenant_id="t1",
+                run_id=f"00000000-0000-4000-8000-{i:012d}",
+                lease_epoch=1,
+                caller=WORKER,
             )
             for i in range(20)
         }

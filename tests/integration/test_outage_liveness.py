@@ -7,6 +7,7 @@ connections is a real connection failure, seen by the store like any other.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -122,7 +123,7 @@ def test_a_pass_that_would_stop_most_runs_stops_none(
     held = reaper.pass_once()
     assert held.total == 0 and held.held_back == 3
     for run_id in quiet:
-        run = service.context.db.run(lambda conn, r=run_id: run_store.get(conn, r, tenant_id=None))
+        run = service.context.db.run(partial(run_store.get, run_id=run_id, tenant_id=None))
         assert run is not None and run.state is RunState.RUNNING
     # With two more lively runs the share drops to a half: the breaker lets the pass through.
     _running(service, "lively2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import redis
@@ -27,6 +28,11 @@ from tests.integration.redis_helpers import (
 pytestmark = pytest.mark.redis
 
 LIMIT = 4
+
+
+def scores(client: redis.Redis, key: str) -> dict[bytes, float]:
+    """The members of a sorted set and their scores."""
+    return dict(cast(list[tuple[bytes, float]], client.zrange(key, 0, -1, withscores=True)))
 
 
 @pytest.fixture
@@ -277,13 +283,13 @@ def test_heartbeats_keep_the_lease_holders_slots_alive(
     claim = start_run(service, "t1", 3)
     acquire(service, "t1", claim, 2)
     key = f"{redis_prefix}slots:t1"
-    before = dict(client.zrange(key, 0, -1, withscores=True))
+    before = scores(client, key)
     client.zadd(key, {m: s - 60_000 for m, s in before.items()}, xx=True)  # a minute older
     service.worker.heartbeat(
         tenant_id="t1", run_id=claim.run.id, lease_epoch=claim.lease_epoch, caller=WORKER
     )
     assert one.sync.relay.refresh_once() == 2
-    after = dict(client.zrange(key, 0, -1, withscores=True))
+    after = scores(client, key)
     assert after.keys() == before.keys()
     assert all(after[m] >= before[m] for m in before)
 

@@ -128,7 +128,7 @@ def seed_url(request: pytest.FixtureRequest) -> str:
                     "p": sum(1 for j in SEED_JOBS if j[1] == rid and j[2] == "in_progress"),
                 },
             )  # fmt: skip
-        business = {r[0]: r[1] for r in SEED_RUNS}
+        business_of = {r[0]: r[1] for r in SEED_RUNS}
         for jid, rid, status in SEED_JOBS:
             conn.execute(
                 sa.text(
@@ -136,7 +136,7 @@ def seed_url(request: pytest.FixtureRequest) -> str:
                     " phone_number, status, created_at) VALUES (:id, :r, :b, :l, :p, :s, :c)"
                 ),
                 {
-                    "id": jid, "r": rid, "b": business[rid], "l": 100 + jid,
+                    "id": jid, "r": rid, "b": business_of[rid], "l": 100 + jid,
                     "p": f"+97250000{jid:04d}", "s": status, "c": ago(70),
                 },
             )  # fmt: skip

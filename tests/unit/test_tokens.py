@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from runsvc import tokens
 from runsvc.errors import Unauthenticated
@@ -43,7 +44,9 @@ def refused(check: tokens.Verifier, token: str) -> str:
 
 
 @pytest.mark.parametrize(("algorithm", "key"), [("ES256", EC), ("RS256", RSA)])
-def test_public_key_algorithms(algorithm: str, key: object) -> None:
+def test_public_key_algorithms(
+    algorithm: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+) -> None:
     token = jwt.encode(claims("worker", "t1", subject="w1"), key, algorithm=algorithm)
     assert verifier().verify(token) == tokens.Principal("w1", "worker", "t1")
 
