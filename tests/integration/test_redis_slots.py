@@ -30,9 +30,9 @@ pytestmark = pytest.mark.redis
 LIMIT = 4
 
 
-def scores(client: redis.Redis, key: str) -> dict[bytes, float]:
+def scores(client: redis.Redis, key: str) -> dict[str, float]:
     """The members of a sorted set and their scores."""
-    return dict(cast(list[tuple[bytes, float]], client.zrange(key, 0, -1, withscores=True)))
+    return dict(cast(list[tuple[str, float]], client.zrange(key, 0, -1, withscores=True)))
 
 
 @pytest.fixture
