@@ -230,7 +230,7 @@ class Context:
         detail = {"caller": caller.subject, "role": caller.role, "scope": refused.tenant_id}
 
         def work(conn: Connection) -> tuple[str, str]:
-            foreign = run_store.get_by_ref(conn, refused.run_id, tenant_id=None) is not None
+            foreign = run_store.exists(conn, refused.run_id, tenant_id=None)
             tag, action = (
                 ("SECURITY", "RUN_NOT_VISIBLE") if foreign else ("LOOKUP", "RUN_NOT_FOUND")
             )

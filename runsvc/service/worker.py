@@ -117,12 +117,13 @@ class WorkerUseCases:
                     cause="resume",
                     now=now,
                 )
-            for _ in range(0 if resumed else _CLAIM_ATTEMPTS):
-                lease = run_store.claim_pending(
-                    conn, tenant_id=tenant_id, worker_id=worker_id, now=now
-                )
-                if lease is not None:
-                    break
+            else:
+                for _ in range(_CLAIM_ATTEMPTS):
+                    lease = run_store.claim_pending(
+                        conn, tenant_id=tenant_id, worker_id=worker_id, now=now
+                    )
+                    if lease is not None:
+                        break
             if lease is None:
                 return None
             run = run_store.get(conn, lease.run_id, tenant_id=tenant_id)

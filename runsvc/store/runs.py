@@ -219,6 +219,14 @@ def get_by_ref(conn: Connection, ref: str, *, tenant_id: str | None) -> Run | No
     return _one_run(conn, "number_of_tenant", {"number": number, "tenant_id": tenant_id})
 
 
+def exists(conn: Connection, ref: str, *, tenant_id: str | None) -> bool:
+    """Whether a run by this id (or number, all digits) exists within the scope: one indexed
+    look-up of the id, without the run's job counts."""
+    number = run_number(ref)
+    named = runs.c.number == number if number is not None else runs.c.id == ref
+    return conn.execute(select(runs.c.id).where(named, _scoped(tenant_id))).first() is not None
+
+
 def get_by_request(conn: Connection, request_id: str, *, tenant_id: str) -> Run | None:
     return _one_run(conn, "request", {"tenant_id": tenant_id, "request_id": request_id})
 
@@ -296,14 +304,14 @@ def _take_lease(
     chosen: Select[Any],
     event: Event,
     now: datetime,
-    guard: ColumnElement[bool],
+    *guards: ColumnElement[bool],
     **values: Any,
 ) -> Lease | None:
-    """Move the run ``chosen`` picks by ``event`` under a new lease epoch, if ``guard`` and its
-    state still hold; None if it moved first (another worker won it)."""
+    """Move the run ``chosen`` picks by ``event`` under a new lease epoch, if its state and
+    ``guards`` still hold; None if it moved first (another worker won it)."""
     row = conn.execute(
         update(runs)
-        .where(runs.c.id == chosen.scalar_subquery(), _state_in(sources(event)), guard)
+        .where(runs.c.id == chosen.scalar_subquery(), _state_in(sources(event)), *guards)
         .values(
             state=target(event).value,
             lease_epoch=runs.c.lease_epoch + 1,
@@ -328,7 +336,7 @@ def claim_pending(
         .limit(1)
     )
     oldest = dialect(conn).claiming(oldest, of=runs)
-    return _take_lease(conn, oldest, Event.CLAIM, now, true(), worker_id=worker_id, started_at=now)
+    return _take_lease(conn, oldest, Event.CLAIM, now, worker_id=worker_id, started_at=now)
 
 
 def resume_held(
