@@ -16,7 +16,7 @@ PY_SOURCES += $(wildcard bench)
 
 VERSION := $(shell cat clients/runsvc_client/VERSION)
 
-.PHONY: docs bench-profile test-fast dist image bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
+.PHONY: docs bench-profile test-fast test-shuffled dist image bench bench-history bench-soak bench-pg help install node_modules proto proto-check k8s-rules buf-lint lint lint-py services test run migrate clean demo monitoring-tools bench-metrics
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -81,6 +81,13 @@ docs: $(INSTALL_STAMP) ## The documentation site into build/site (mkdocs, --stri
 
 test-fast: $(INSTALL_STAMP) ## The unit tier only (a few seconds, no services), while editing
 	$(VENV_PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+# Shuffled within each tier and the tiers in a shuffled order; the fault tier is left out (its
+# tests own their processes). SEED=n repeats an order; the seed is printed either way.
+test-shuffled: $(INSTALL_STAMP) ## The suite but the fault tier in a shuffled order (SEED=n to repeat one)
+	@bash scripts/services.sh
+	@bash scripts/monitoring-tools.sh
+	$(VENV_PY) -m pytest -p no:cacheprovider --random-order-bucket=package $(if $(SEED),--random-order-seed=$(SEED),--random-order) tests/unit tests/migrations tests/integration tests/e2e tests/clients tests/deploy $(PYTEST_ARGS)
 
 run: $(RUN_STAMP) ## Install what serving needs, then serve on the embedded SQLite default
 	@$(VENV)/bin/runsvc serve

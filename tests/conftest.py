@@ -40,13 +40,22 @@ WORKER = Caller(subject="test-worker", role="worker")
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def session_postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session."""
     with private_database("runsvc_test") as url:
         engine = create_engine(url)
         metadata.create_all(engine)
         engine.dispose()
         yield url
+
+
+@pytest.fixture
+def postgres_url(session_postgres_url: str) -> str:
+    """The session's PostgreSQL database, emptied for this test: what a test finds there
+    is its own, whatever ran before it (``make test-shuffled`` checks that it never leans
+    on another test's leftovers)."""
+    truncate(session_postgres_url)
+    return session_postgres_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -59,9 +68,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         metadata.create_all(engine)
         engine.dispose()
         return url
-    url = request.getfixturevalue("postgres_url")
-    truncate(url)
-    return url
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from tests.e2e.test_cli import (
     kill,
     spawn_server,
 )
-from tests.support.databases import truncate
 
 # --- target strings ----------------------------------------------------------------------
 
@@ -99,7 +98,6 @@ def handled(server: ServerProcess, method: str) -> float:
 
 @pytest.fixture
 def replicas(postgres_url: str, tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    truncate(postgres_url)
     started: list[ServerProcess] = []
     try:
         for name in ("a", "b"):

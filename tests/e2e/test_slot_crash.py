@@ -28,7 +28,6 @@ from tests.e2e.test_cli import (
     spawn_server,
 )
 from tests.redis_process import RedisProcess
-from tests.support.databases import truncate
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -69,7 +68,6 @@ def outbox(pg_url: str) -> int:
 def test_release_committed_before_a_crash_is_applied_once_after_restart(
     postgres_url: str, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
-    truncate(postgres_url)
     client = redis_server.client()
     first = start(
         tmp_path / "data",

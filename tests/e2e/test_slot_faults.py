@@ -23,7 +23,6 @@ from runsvc.store.schema import jobs, slot_releases
 from tests.conftest import BACKEND, UNLIMITED_RATES
 from tests.e2e.slot_client import Tenant, tenant
 from tests.redis_process import RedisProcess
-from tests.support.databases import truncate
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
@@ -36,7 +35,6 @@ RELEASE_BOUND = 10.0  # the issue's bound: pending releases applied within 10 s 
 
 @pytest.fixture
 def pg_url(postgres_url: str) -> str:
-    truncate(postgres_url)
     return postgres_url
 
 

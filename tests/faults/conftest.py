@@ -32,7 +32,6 @@ from tests.e2e.test_cli import (
     json_lines,
     spawn_server,
 )
-from tests.support.databases import truncate
 
 pytestmark = pytest.mark.postgres
 
@@ -175,7 +174,6 @@ class Fleet:
 
 @pytest.fixture
 def fleet(postgres_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    truncate(postgres_url)
     fleet = Fleet(tmp_path, postgres_url)
     try:
         yield fleet

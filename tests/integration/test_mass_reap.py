@@ -18,7 +18,6 @@ from runsvc.store import check
 from runsvc.store.engine import Database, make_engine
 from runsvc.store.schema import audit_events
 from tests.conftest import BACKEND, WORKER
-from tests.support.databases import truncate
 
 pytestmark = pytest.mark.postgres
 
@@ -26,7 +25,6 @@ RUNS = 1000 if os.environ.get("RUNSVC_FAULTS_FULL") == "1" else 150
 
 
 def test_three_replicas_end_every_stale_run_once(postgres_url: str) -> None:
-    truncate(postgres_url)
     db_url = postgres_url
     clock = FakeClock()
     policy = LivenessPolicy()

@@ -21,7 +21,6 @@ from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store import runs as run_store
 from runsvc.store.engine import Database, make_engine
 from tests.conftest import BACKEND, WORKER
-from tests.support.databases import truncate
 from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
@@ -29,7 +28,6 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def proxied(postgres_url: str) -> Iterator[tuple[TcpProxy, RunService, FakeClock]]:
-    truncate(postgres_url)
     url = make_url(postgres_url)
     with TcpProxy(upstream=(url.host or "127.0.0.1", url.port or 5432)) as proxy:
         host, port = proxy.address.rsplit(":", 1)

@@ -19,7 +19,6 @@ from runsvc.slots import SlotLimits, StoreSlots
 from runsvc.store.clock import DatabaseClock
 from runsvc.store.engine import Database, make_engine
 from tests.conftest import BACKEND, WORKER
-from tests.support.databases import truncate
 from tests.support.proxy import TcpProxy
 
 
@@ -49,7 +48,6 @@ def test_a_read_of_one_run_is_one_round_trip_and_a_heartbeat_batch_three(
     and the database's clock), after a SET of the call's bound when the connection's differs;
     a batch of heartbeats is BEGIN with the bound and the clock, the update, COMMIT. The
     driver sends no BEGIN of its own."""
-    truncate(postgres_url)  # the session's database: another test's runs of t1 stay out
     url = make_url(postgres_url)
     with TcpProxy(upstream=(url.host or "127.0.0.1", url.port or 5432)) as proxy:
         proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)

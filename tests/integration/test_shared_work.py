@@ -37,7 +37,6 @@ from runsvc.store import slot_releases as outbox
 from runsvc.store.engine import Database, make_engine
 from runsvc.store.schema import audit_events, jobs, runs
 from tests.redis_process import free_port
-from tests.support.databases import truncate
 
 STALE_RUNS = 1000
 REAPERS = 4
@@ -162,7 +161,6 @@ def ended_audit_rows(db: Database) -> int:
 def test_replicas_reaping_at_once_take_disjoint_batches(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    truncate(postgres_url)
     clock = FakeClock()
     dbs = [Database(make_engine(postgres_url, max_connections=8)) for _ in range(REAPERS)]
     # Every run goes silent at once: only the share of the work is under test here.
@@ -215,7 +213,6 @@ def test_replicas_reaping_at_once_take_disjoint_batches(
 
 @pytest.mark.postgres
 def test_a_pass_skips_runs_another_replica_has_claimed(postgres_url: str) -> None:
-    truncate(postgres_url)
     clock = FakeClock()
     dbs = [Database(make_engine(postgres_url, max_connections=4)) for _ in range(2)]
     services = trusting_replicas(dbs, clock, LivenessPolicy(breaker_share=1.0))
