@@ -9,6 +9,8 @@ which state changes are legal.
 from __future__ import annotations
 
 import enum
+import hashlib
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -258,8 +260,8 @@ class LivenessPolicy:
 class HeldSlot:
     """One job's slot, named by its run, the lease epoch that took it, its job and a token.
 
-    The token is new for every AcquireJobs call, so a name is never granted
-    twice: releasing it can only ever free that one grant.
+    The token is new for every AcquireJobs call (:func:`grant_token`), so a
+    name is never granted twice: releasing it can only ever free that one grant.
     """
 
     run_id: str
@@ -277,3 +279,16 @@ class HeldSlot:
     def parse(cls, member: str) -> HeldSlot:
         run_id, epoch, job_id, token = member.split(cls.SEPARATOR)
         return cls(run_id, int(epoch), job_id, token)
+
+
+def grant_token(request_id: str) -> str:
+    """The token of one AcquireJobs call, stored on the jobs it takes.
+
+    Derived from the caller's ``request_id`` when it gives one, so that a repeat
+    of a call whose answer was lost finds the jobs the first one took; any
+    request id becomes a fixed-length token without the slot name's separator.
+    A job is taken once, so a token reused by a later call still names new slots.
+    """
+    if not request_id:
+        return uuid.uuid4().hex[:16]
+    return hashlib.sha256(request_id.encode()).hexdigest()[:16]

@@ -92,9 +92,9 @@ class Slots(Protocol):
 
 class ReservedSlots(Slots, Protocol):
     def reserve(
-        self, *, tenant_id: str, run_id: str, lease_epoch: int, job_ids: Sequence[str]
+        self, *, tenant_id: str, run_id: str, lease_epoch: int, token: str, job_ids: Sequence[str]
     ) -> Reservation:
-        """Take slots for these jobs before the transaction (never inside one)."""
+        """Take slots for these jobs, named by ``token``, before the transaction (never in one)."""
         ...
 
     def give_back(self, *, tenant_id: str, slots: Sequence[HeldSlot]) -> None:

@@ -33,6 +33,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -256,15 +257,23 @@ class Lease:
             },
         )
 
-    def acquire(self, max_jobs: int) -> tuple[list[Job], int]:
-        """Up to ``max_jobs`` jobs, now in progress, and the tenant's free slots left."""
+    def acquire(self, max_jobs: int, *, request_id: str | None = None) -> tuple[list[Job], int]:
+        """Up to ``max_jobs`` jobs, now in progress, and the tenant's free slots left.
+
+        The jobs a call took hold the tenant's slots until they are reported
+        or the run ends, even when its answer was lost: retries of this call
+        carry one ``request_id`` (new when not given), so that a retry hands
+        out the jobs the lost answer carried instead of taking others. After
+        a call that failed, pass its ``request_id`` again.
+        """
         if self.is_lost():
             raise LeaseLost(self.lost_reason)
         request = pb.AcquireJobsRequest(
-            run_id=self.run_id, lease_epoch=self.lease_epoch, max_jobs=max_jobs
+            run_id=self.run_id,
+            lease_epoch=self.lease_epoch,
+            max_jobs=max_jobs,
+            request_id=request_id or uuid.uuid4().hex,
         )
-        # Taking jobs twice is harmless: the ones taken by a lost answer stay
-        # in progress under this lease and fail when the run ends.
         response = self._fenced_call("AcquireJobs", request, retry=self._retry)
         assert isinstance(response, pb.AcquireJobsResponse)
         return [Job.from_proto(j) for j in response.jobs], response.free_slots
@@ -277,15 +286,19 @@ class Lease:
         ``idle_wait`` seconds between tries; while the service cannot be
         reached it keeps trying until the lease fences itself.
         """
+        # One request id until a call hands out jobs: a call that failed, or
+        # answered none, may still have taken jobs that commit later.
+        request_id = uuid.uuid4().hex
         while not self.should_stop():
             try:
-                batch, free = self.acquire(batch_size)
+                batch, free = self.acquire(batch_size, request_id=request_id)
             except LeaseLost:
                 return
             except _TRANSIENT_ERRORS:
                 self._stop.wait(idle_wait)
                 continue
             if batch:
+                request_id = uuid.uuid4().hex
                 for job in batch:
                     if self.should_stop():
                         return

@@ -169,6 +169,7 @@ class RunServiceServicer(pb_grpc.RunServiceServicer):
             run_id=request.run_id,
             lease_epoch=request.lease_epoch,
             max_jobs=request.max_jobs,
+            request_id=request.request_id,
             caller=_caller(),
         )
         return pb.AcquireJobsResponse(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -185,9 +184,8 @@ class RedisSlots:
         return free_by_the_store(conn, self.limits, tenant_id)
 
     def reserve(
-        self, *, tenant_id: str, run_id: str, lease_epoch: int, job_ids: Sequence[str]
+        self, *, tenant_id: str, run_id: str, lease_epoch: int, token: str, job_ids: Sequence[str]
     ) -> Reservation:
-        token = uuid.uuid4().hex[:16]
         wanted = [HeldSlot(run_id, lease_epoch, job_id, token) for job_id in job_ids]
         try:
             free, granted = self.store.acquire(

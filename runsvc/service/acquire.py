@@ -8,6 +8,12 @@ outside the database (Redis): they are reserved before the transaction, the
 jobs are taken in it, and what it did not use goes back. A crash between the two
 can only leave a slot that no job holds (it expires, or the reconciler removes
 it), never a job in progress without its slot.
+
+Both take jobs under the call's token (:func:`runsvc.domain.grant_token`) and
+first look for jobs already taken under it: the jobs of a call whose answer
+was lost hold the tenant's slots until the run ends, so its repeat must hand
+them out again rather than take others, or a run whose batch fills its slots
+could never take a job again.
 """
 
 from __future__ import annotations
@@ -37,14 +43,25 @@ class Acquired:
 
 @dataclass(frozen=True)
 class Wanted:
-    """One AcquireJobs call: the lease, how many jobs at most, who asks, and how to hold
-    the lease in a transaction."""
+    """One AcquireJobs call: the lease, how many jobs at most, who asks, how to hold
+    the lease in a transaction, and the token that names what the call takes."""
 
     run_id: str
     lease_epoch: int
     max_jobs: int
     caller: Caller
     hold: Hold
+    token: str
+
+    def taken_before(self, conn: Connection, tenant_id: str) -> list[Job]:
+        """The jobs an earlier try of this call took, still in progress (empty: none)."""
+        return job_store.taken_by(
+            conn,
+            self.run_id,
+            tenant_id=tenant_id,
+            lease_epoch=self.lease_epoch,
+            slot_token=self.token,
+        )
 
 
 class JobTaking(Protocol):
@@ -63,11 +80,15 @@ class TakeCounted:
             free = self._slots.free(conn, tenant_id=row.tenant_id)
             if row.cancel_requested:
                 return Acquired([], free)  # a run being cancelled starts nothing new
+            again = wanted.taken_before(conn, row.tenant_id)
+            if again:
+                return Acquired(again, free)
             taken = job_store.take_queued(
                 conn,
                 run_id,
                 tenant_id=row.tenant_id,
                 lease_epoch=lease_epoch,
+                slot_token=wanted.token,
                 limit=min(wanted.max_jobs, free),
                 now=now,
             )
@@ -83,16 +104,31 @@ class TakeReserved:
     def acquire(self, ctx: Context, wanted: Wanted) -> Acquired:
         hold, run_id, lease_epoch = wanted.hold, wanted.run_id, wanted.lease_epoch
 
-        def look(conn: Connection, now: datetime, notes: Notes) -> tuple[str, list[str]]:
+        def look(
+            conn: Connection, now: datetime, notes: Notes
+        ) -> tuple[str, list[str], Acquired | None]:
             row = hold(conn, now)
             if row.cancel_requested:
-                return row.tenant_id, []  # a run being cancelled starts nothing new
+                return row.tenant_id, [], None  # a run being cancelled starts nothing new
+            again = wanted.taken_before(conn, row.tenant_id)
+            if again:
+                return (
+                    row.tenant_id,
+                    [],
+                    Acquired(again, self._slots.free(conn, tenant_id=row.tenant_id)),
+                )
             ids = job_store.queued_ids(conn, run_id, tenant_id=row.tenant_id, limit=wanted.max_jobs)
-            return row.tenant_id, ids
+            return row.tenant_id, ids, None
 
-        tenant_id, candidates = ctx.transact(look, caller=wanted.caller)
+        tenant_id, candidates, repeated = ctx.transact(look, caller=wanted.caller)
+        if repeated is not None:
+            return repeated
         reservation = self._slots.reserve(
-            tenant_id=tenant_id, run_id=run_id, lease_epoch=lease_epoch, job_ids=candidates
+            tenant_id=tenant_id,
+            run_id=run_id,
+            lease_epoch=lease_epoch,
+            token=wanted.token,
+            job_ids=candidates,
         )
         if not reservation.granted:
             return Acquired([], reservation.free)
@@ -100,15 +136,18 @@ class TakeReserved:
 
         def take(conn: Connection, now: datetime, notes: Notes) -> Acquired:
             row = hold(conn, now)
+            # The lease's row is held from here: a try of this call that ran
+            # alongside (its answer given up on) committed already or waits.
+            again = [] if row.cancel_requested else wanted.taken_before(conn, tenant_id)
             taken = []
-            if not row.cancel_requested:
+            if not row.cancel_requested and not again:
                 taken = job_store.take_reserved(
                     conn,
                     run_id,
                     list(granted),
                     tenant_id=tenant_id,
                     lease_epoch=lease_epoch,
-                    slot_token=reservation.granted[0].token,
+                    slot_token=wanted.token,
                     now=now,
                 )
             used = {job.id for job in taken}
@@ -124,7 +163,7 @@ class TakeReserved:
                 cause="unused",
                 now=now,
             )
-            return Acquired(taken, reservation.free + len(unused))
+            return Acquired(again or taken, reservation.free + len(unused))
 
         try:
             return ctx.transact(take, caller=wanted.caller)

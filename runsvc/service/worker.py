@@ -21,6 +21,7 @@ from runsvc.domain import (
     Run,
     RunOutcome,
     StopReason,
+    grant_token,
     holds_lease,
     target,
 )
@@ -182,10 +183,13 @@ class WorkerUseCases:
         run_id: str,
         lease_epoch: int,
         max_jobs: int,
+        request_id: str = "",
         caller: Caller,
     ) -> Acquired:
         check = self._check_lease(run_id, lease_epoch)
         check.count("max_jobs", max_jobs, low=1, high=self._limits.max_jobs_per_acquire)
+        if request_id:
+            check.identifier("request_id", request_id, max_length=self._limits.max_id_length)
         check.done()
 
         def hold(conn: Connection, now: datetime) -> run_store.Touched:
@@ -197,7 +201,8 @@ class WorkerUseCases:
                 raise lease_lost(visible, lease_epoch)
             return touched
 
-        return self._taking.acquire(self._ctx, Wanted(run_id, lease_epoch, max_jobs, caller, hold))
+        wanted = Wanted(run_id, lease_epoch, max_jobs, caller, hold, grant_token(request_id))
+        return self._taking.acquire(self._ctx, wanted)
 
     def report_jobs(
         self,

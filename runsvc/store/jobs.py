@@ -124,8 +124,33 @@ def in_progress_slots(conn: Connection, *, tenant_id: str | None) -> dict[str, l
     return found
 
 
+def taken_by(
+    conn: Connection, run_id: str, *, tenant_id: str, lease_epoch: int, slot_token: str
+) -> list[Job]:
+    """The jobs one AcquireJobs call (its token) took under this lease, still in progress."""
+    rows = conn.execute(
+        select(jobs)
+        .where(
+            jobs.c.run_id == run_id,
+            jobs.c.tenant_id == tenant_id,
+            jobs.c.state == JobState.IN_PROGRESS.value,
+            jobs.c.lease_epoch == lease_epoch,
+            jobs.c.slot_token == slot_token,
+        )
+        .order_by(jobs.c.seq)
+    ).all()
+    return [_job_from_row(r) for r in rows]
+
+
 def take_queued(
-    conn: Connection, run_id: str, *, tenant_id: str, lease_epoch: int, limit: int, now: datetime
+    conn: Connection,
+    run_id: str,
+    *,
+    tenant_id: str,
+    lease_epoch: int,
+    slot_token: str,
+    limit: int,
+    now: datetime,
 ) -> list[Job]:
     """Mark up to ``limit`` queued jobs of the run in progress, in creation order."""
     if limit <= 0:
@@ -137,7 +162,12 @@ def take_queued(
     rows = conn.execute(
         update(jobs)
         .where(jobs.c.id == picked.c.id, jobs.c.state == JobState.QUEUED.value)
-        .values(state=JobState.IN_PROGRESS.value, lease_epoch=lease_epoch, started_at=now)
+        .values(
+            state=JobState.IN_PROGRESS.value,
+            lease_epoch=lease_epoch,
+            slot_token=slot_token,
+            started_at=now,
+        )
         .returning(*jobs.c)
     ).all()
     return [_job_from_row(r) for r in sorted(rows, key=lambda r: r.seq)]

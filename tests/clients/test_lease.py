@@ -6,10 +6,12 @@ backend's calls go straight to the server.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,6 +24,7 @@ from runsvc_client import (
     JobSpec,
     Lease,
     LeaseLost,
+    RetryPolicy,
     RunState,
     WorkerClient,
 )
@@ -178,3 +181,69 @@ def test_a_three_second_blip_does_not_lose_the_run(sqlite_url: str, tmp_path: Pa
             assert lease.finish().state is RunState.COMPLETED
         assert done == 20
         assert backend.get_run(run.id).job_counts.completed == 20
+
+
+class LoseFirstAnswer(grpc.UnaryUnaryClientInterceptor):
+    """Lets the first call of ``method`` reach the server and drops its answer: the client
+    sees UNAVAILABLE, as when the replica that committed the call died before replying."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.dropped = 0
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        call = continuation(details, request)
+        if details.method != self.method or self.dropped:
+            return call
+        call.result()  # the server answered: the call committed
+        self.dropped += 1
+        return _unavailable(details.method, request)
+
+
+def _unavailable(method: str, request: Any) -> grpc.RpcError:
+    """A real UNAVAILABLE error: the same call to a port bound but not listening."""
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))
+        port = refusing.getsockname()[1]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(method, request_serializer=type(request).SerializeToString)
+            try:
+                call(request, timeout=5)
+            except grpc.RpcError as error:
+                assert isinstance(error, grpc.Call)
+                assert error.code() is grpc.StatusCode.UNAVAILABLE
+                return error
+    raise AssertionError("a port that is not listening answered")
+
+
+@pytest.mark.parametrize("attempts", [4, 1], ids=["retried-by-the-call", "retried-by-jobs"])
+def test_the_jobs_of_a_lost_acquire_answer_are_handed_out_by_its_retry(
+    server: Server, backend: BackendClient, attempts: int
+) -> None:
+    # The server's three slots: the jobs the lost answer carried hold them all until
+    # reported, so a retry that took other jobs would find none free, ever.
+    run = backend.create_run(specs(5), request_id="r")
+    lost = LoseFirstAnswer("/runsvc.v1.RunService/AcquireJobs")
+    channel = grpc.intercept_channel(grpc.insecure_channel(address(server)), lost)
+    # Only if the retry never gets a job: a cancel ends the loop, and the test fails.
+    stuck = threading.Timer(30.0, backend.cancel, args=(run.id,))
+    stuck.start()
+    try:
+        worker = WorkerClient(
+            channel,
+            token=token("worker", subject="w1"),
+            worker_id="w1",
+            retry=RetryPolicy(attempts=attempts),
+        )
+        with claim(worker) as lease:
+            seen: list[Job] = []
+            for job in lease.jobs(batch_size=3):
+                seen.append(job)
+                lease.report([JobResult.completed(job.id)])
+            assert lease.finish().state is RunState.COMPLETED
+    finally:
+        stuck.cancel()
+        channel.close()
+    assert lost.dropped == 1
+    assert len(seen) == 5 and len({j.id for j in seen}) == 5
+    assert backend.get_run(run.id).job_counts.completed == 5

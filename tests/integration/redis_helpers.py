@@ -88,11 +88,14 @@ def start_run(service: RunService, tenant: str, jobs_count: int, *, worker: str 
     return claim
 
 
-def acquire(service: RunService, tenant: str, claim: Claim, n: int) -> Acquired:
+def acquire(
+    service: RunService, tenant: str, claim: Claim, n: int, *, request_id: str = ""
+) -> Acquired:
     return service.worker.acquire_jobs(
         tenant_id=tenant,
         run_id=claim.run.id,
         lease_epoch=claim.lease_epoch,
         max_jobs=n,
+        request_id=request_id,
         caller=WORKER,
     )

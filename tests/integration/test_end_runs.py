@@ -17,8 +17,18 @@ from runsvc.store import runs as run_store
 from runsvc.store.schema import audit_events, jobs, runs
 from tests.conftest import BACKEND, WORKER
 
-# What differs between two runs ended alike: who they are, not how they ended.
-IDENTITY = {"id", "tenant_id", "request_id", "run_id", "external_id", "created_at", "number"}
+# What differs between two runs ended alike: who they are, not how they ended (a job's
+# slot token names the AcquireJobs call that took it).
+IDENTITY = {
+    "id",
+    "tenant_id",
+    "request_id",
+    "run_id",
+    "external_id",
+    "created_at",
+    "number",
+    "slot_token",
+}
 
 
 def start_run(service: RunService, tenant: str, *, cancel: bool = False) -> str:

@@ -210,6 +210,33 @@ def test_resume_frees_the_crashed_leases_slots(
     }
 
 
+def test_a_repeated_acquire_hands_out_what_the_first_took(
+    one: Replica, client: redis.Redis, redis_prefix: str
+) -> None:
+    service = one.service
+    claim = start_run(service, "t1", LIMIT + 2)
+    first = acquire(service, "t1", claim, LIMIT, request_id="r1")
+    assert len(first.jobs) == LIMIT
+    # Its answer was lost: its jobs hold every slot of the tenant. The repeat hands
+    # them out again; a call that took others would find no slot free, for good.
+    again = acquire(service, "t1", claim, LIMIT, request_id="r1")
+    assert ([j.id for j in again.jobs], again.free_slots) == ([j.id for j in first.jobs], 0)
+    assert acquire(service, "t1", claim, LIMIT, request_id="r2").jobs == []
+    assert (in_progress(service, "t1"), len(live(client, redis_prefix, "t1"))) == (LIMIT, LIMIT)
+    # A result reported meanwhile: the repeat hands out the rest, and takes nothing new.
+    service.worker.report_jobs(
+        tenant_id="t1",
+        run_id=claim.run.id,
+        lease_epoch=claim.lease_epoch,
+        results=[JobResult(first.jobs[0].id, JobOutcome.COMPLETED)],
+        caller=WORKER,
+    )
+    again = acquire(service, "t1", claim, LIMIT, request_id="r1")
+    assert ([j.id for j in again.jobs], again.free_slots) == ([j.id for j in first.jobs[1:]], 1)
+    assert len(acquire(service, "t1", claim, LIMIT, request_id="r3").jobs) == 1
+    assert (in_progress(service, "t1"), len(live(client, redis_prefix, "t1"))) == (LIMIT, LIMIT)
+
+
 def test_limit_per_tenant_override(one: Replica, client: redis.Redis, redis_prefix: str) -> None:
     claim = start_run(one.service, "small", 5)
     got = acquire(one.service, "small", claim, 5)

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brunsvc/v1/run_service.proto\x12\trunsvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\tJobCounts\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x13\n\x0bin_progress\x18\x03 \x01(\x05\x12\x11\n\tcompleted\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\"\x85\x04\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.runsvc.v1.RunState\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x05 \x01(\x08\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x13\n\x0blease_epoch\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_heartbeat_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\njob_counts\x18\x0c \x01(\x0b\x32\x14.runsvc.v1.JobCounts\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x15\n\rcancel_reason\x18\x0e \x01(\t\x12\x37\n\x13\x63\x61ncel_request_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06number\x18\x10 \x01(\x03\"\x88\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\"\n\x05state\x18\x05 \x01(\x0e\x32\x13.runsvc.v1.JobState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0c\n\x04late\x18\x07 \x01(\x08\"/\n\x07JobSpec\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"[\n\x10\x43reateRunRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x04jobs\x18\x02 \x03(\x0b\x32\x12.runsvc.v1.JobSpec\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"0\n\x11\x43reateRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"$\n\x0f\x43laimRunRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"U\n\x10\x43laimRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\"7\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\"]\n\x11HeartbeatResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\x12.\n\nstale_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x12\x41\x63quireJobsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x10\n\x08max_jobs\x18\x03 \x01(\x05\"G\n\x13\x41\x63quireJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.runsvc.v1.Job\x12\x12\n\nfree_slots\x18\x02 \x01(\x05\"R\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.runsvc.v1.JobOutcome\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"_\n\x11ReportJobsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12%\n\x07results\x18\x03 \x03(\x0b\x32\x14.runsvc.v1.JobResult\":\n\x12ReportJobsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"n\n\x10\x46inishRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12&\n\x07outcome\x18\x03 \x01(\x0e\x32\x15.runsvc.v1.RunOutcome\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"0\n\x11\x46inishRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"%\n\x10GetActiveRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"0\n\x11GetActiveResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"p\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.runsvc.v1.RunState\x12\x11\n\ttenant_id\x18\x04 \x01(\t\"I\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.runsvc.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\rCancelRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x0e\x43\x61ncelResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"4\n\x12\x46orceCancelRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x81\x01\n\x13\x46orceCancelResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\x12\x16\n\x0e\x63\x61ncelled_jobs\x18\x02 \x01(\x05\x12\x16\n\x0ereleased_slots\x18\x03 \x01(\x05\x12\x1d\n\x15pending_slot_releases\x18\x04 \x01(\x05*\xb2\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x12\x14\n\x10RUN_STATE_FAILED\x10\x06*\x85\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x19\n\x15JOB_STATE_IN_PROGRESS\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04*\\\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15JOB_OUTCOME_COMPLETED\x10\x01\x12\x16\n\x12JOB_OUTCOME_FAILED\x10\x02*w\n\nRunOutcome\x12\x1b\n\x17RUN_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15RUN_OUTCOME_COMPLETED\x10\x01\x12\x16\n\x12RUN_OUTCOME_FAILED\x10\x02\x12\x19\n\x15RUN_OUTCOME_CANCELLED\x10\x03\x32\x9b\x06\n\nRunService\x12\x46\n\tCreateRun\x12\x1b.runsvc.v1.CreateRunRequest\x1a\x1c.runsvc.v1.CreateRunResponse\x12\x43\n\x08\x43laimRun\x12\x1a.runsvc.v1.ClaimRunRequest\x1a\x1b.runsvc.v1.ClaimRunResponse\x12\x46\n\tHeartbeat\x12\x1b.runsvc.v1.HeartbeatRequest\x1a\x1c.runsvc.v1.HeartbeatResponse\x12L\n\x0b\x41\x63quireJobs\x12\x1d.runsvc.v1.AcquireJobsRequest\x1a\x1e.runsvc.v1.AcquireJobsResponse\x12I\n\nReportJobs\x12\x1c.runsvc.v1.ReportJobsRequest\x1a\x1d.runsvc.v1.ReportJobsResponse\x12\x46\n\tFinishRun\x12\x1b.runsvc.v1.FinishRunRequest\x1a\x1c.runsvc.v1.FinishRunResponse\x12\x46\n\tGetActive\x12\x1b.runsvc.v1.GetActiveRequest\x1a\x1c.runsvc.v1.GetActiveResponse\x12=\n\x06GetRun\x12\x18.runsvc.v1.GetRunRequest\x1a\x19.runsvc.v1.GetRunResponse\x12\x43\n\x08ListRuns\x12\x1a.runsvc.v1.ListRunsRequest\x1a\x1b.runsvc.v1.ListRunsResponse\x12=\n\x06\x43\x61ncel\x12\x18.runsvc.v1.CancelRequest\x1a\x19.runsvc.v1.CancelResponse\x12L\n\x0b\x46orceCancel\x12\x1d.runsvc.v1.ForceCancelRequest\x1a\x1e.runsvc.v1.ForceCancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brunsvc/v1/run_service.proto\x12\trunsvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\tJobCounts\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x13\n\x0bin_progress\x18\x03 \x01(\x05\x12\x11\n\tcompleted\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\"\x85\x04\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.runsvc.v1.RunState\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x05 \x01(\x08\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x13\n\x0blease_epoch\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_heartbeat_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\njob_counts\x18\x0c \x01(\x0b\x32\x14.runsvc.v1.JobCounts\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x15\n\rcancel_reason\x18\x0e \x01(\t\x12\x37\n\x13\x63\x61ncel_request_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06number\x18\x10 \x01(\x03\"\x88\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\"\n\x05state\x18\x05 \x01(\x0e\x32\x13.runsvc.v1.JobState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0c\n\x04late\x18\x07 \x01(\x08\"/\n\x07JobSpec\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"[\n\x10\x43reateRunRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x04jobs\x18\x02 \x03(\x0b\x32\x12.runsvc.v1.JobSpec\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"0\n\x11\x43reateRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"$\n\x0f\x43laimRunRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"U\n\x10\x43laimRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\"7\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\"]\n\x11HeartbeatResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\x12.\n\nstale_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x12\x41\x63quireJobsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x10\n\x08max_jobs\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"G\n\x13\x41\x63quireJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.runsvc.v1.Job\x12\x12\n\nfree_slots\x18\x02 \x01(\x05\"R\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.runsvc.v1.JobOutcome\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"_\n\x11ReportJobsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12%\n\x07results\x18\x03 \x03(\x0b\x32\x14.runsvc.v1.JobResult\":\n\x12ReportJobsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"n\n\x10\x46inishRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12&\n\x07outcome\x18\x03 \x01(\x0e\x32\x15.runsvc.v1.RunOutcome\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"0\n\x11\x46inishRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"%\n\x10GetActiveRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"0\n\x11GetActiveResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"p\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.runsvc.v1.RunState\x12\x11\n\ttenant_id\x18\x04 \x01(\t\"I\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.runsvc.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\rCancelRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x0e\x43\x61ncelResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\"4\n\x12\x46orceCancelRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x81\x01\n\x13\x46orceCancelResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.runsvc.v1.Run\x12\x16\n\x0e\x63\x61ncelled_jobs\x18\x02 \x01(\x05\x12\x16\n\x0ereleased_slots\x18\x03 \x01(\x05\x12\x1d\n\x15pending_slot_releases\x18\x04 \x01(\x05*\xb2\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x12\x14\n\x10RUN_STATE_FAILED\x10\x06*\x85\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x19\n\x15JOB_STATE_IN_PROGRESS\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04*\\\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15JOB_OUTCOME_COMPLETED\x10\x01\x12\x16\n\x12JOB_OUTCOME_FAILED\x10\x02*w\n\nRunOutcome\x12\x1b\n\x17RUN_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15RUN_OUTCOME_COMPLETED\x10\x01\x12\x16\n\x12RUN_OUTCOME_FAILED\x10\x02\x12\x19\n\x15RUN_OUTCOME_CANCELLED\x10\x03\x32\x9b\x06\n\nRunService\x12\x46\n\tCreateRun\x12\x1b.runsvc.v1.CreateRunRequest\x1a\x1c.runsvc.v1.CreateRunResponse\x12\x43\n\x08\x43laimRun\x12\x1a.runsvc.v1.ClaimRunRequest\x1a\x1b.runsvc.v1.ClaimRunResponse\x12\x46\n\tHeartbeat\x12\x1b.runsvc.v1.HeartbeatRequest\x1a\x1c.runsvc.v1.HeartbeatResponse\x12L\n\x0b\x41\x63quireJobs\x12\x1d.runsvc.v1.AcquireJobsRequest\x1a\x1e.runsvc.v1.AcquireJobsResponse\x12I\n\nReportJobs\x12\x1c.runsvc.v1.ReportJobsRequest\x1a\x1d.runsvc.v1.ReportJobsResponse\x12\x46\n\tFinishRun\x12\x1b.runsvc.v1.FinishRunRequest\x1a\x1c.runsvc.v1.FinishRunResponse\x12\x46\n\tGetActive\x12\x1b.runsvc.v1.GetActiveRequest\x1a\x1c.runsvc.v1.GetActiveResponse\x12=\n\x06GetRun\x12\x18.runsvc.v1.GetRunRequest\x1a\x19.runsvc.v1.GetRunResponse\x12\x43\n\x08ListRuns\x12\x1a.runsvc.v1.ListRunsRequest\x1a\x1b.runsvc.v1.ListRunsResponse\x12=\n\x06\x43\x61ncel\x12\x18.runsvc.v1.CancelRequest\x1a\x19.runsvc.v1.CancelResponse\x12L\n\x0b\x46orceCancel\x12\x1d.runsvc.v1.ForceCancelRequest\x1a\x1e.runsvc.v1.ForceCancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runsvc_client.v1.run_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATE']._serialized_start=2497
-  _globals['_RUNSTATE']._serialized_end=2675
-  _globals['_JOBSTATE']._serialized_start=2678
-  _globals['_JOBSTATE']._serialized_end=2811
-  _globals['_JOBOUTCOME']._serialized_start=2813
-  _globals['_JOBOUTCOME']._serialized_end=2905
-  _globals['_RUNOUTCOME']._serialized_start=2907
-  _globals['_RUNOUTCOME']._serialized_end=3026
+  _globals['_RUNSTATE']._serialized_start=2517
+  _globals['_RUNSTATE']._serialized_end=2695
+  _globals['_JOBSTATE']._serialized_start=2698
+  _globals['_JOBSTATE']._serialized_end=2831
+  _globals['_JOBOUTCOME']._serialized_start=2833
+  _globals['_JOBOUTCOME']._serialized_end=2925
+  _globals['_RUNOUTCOME']._serialized_start=2927
+  _globals['_RUNOUTCOME']._serialized_end=3046
   _globals['_JOBCOUNTS']._serialized_start=75
   _globals['_JOBCOUNTS']._serialized_end=173
   _globals['_RUN']._serialized_start=176
@@ -61,39 +61,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATRESPONSE']._serialized_start=1208
   _globals['_HEARTBEATRESPONSE']._serialized_end=1301
   _globals['_ACQUIREJOBSREQUEST']._serialized_start=1303
-  _globals['_ACQUIREJOBSREQUEST']._serialized_end=1378
-  _globals['_ACQUIREJOBSRESPONSE']._serialized_start=1380
-  _globals['_ACQUIREJOBSRESPONSE']._serialized_end=1451
-  _globals['_JOBRESULT']._serialized_start=1453
-  _globals['_JOBRESULT']._serialized_end=1535
-  _globals['_REPORTJOBSREQUEST']._serialized_start=1537
-  _globals['_REPORTJOBSREQUEST']._serialized_end=1632
-  _globals['_REPORTJOBSRESPONSE']._serialized_start=1634
-  _globals['_REPORTJOBSRESPONSE']._serialized_end=1692
-  _globals['_FINISHRUNREQUEST']._serialized_start=1694
-  _globals['_FINISHRUNREQUEST']._serialized_end=1804
-  _globals['_FINISHRUNRESPONSE']._serialized_start=1806
-  _globals['_FINISHRUNRESPONSE']._serialized_end=1854
-  _globals['_GETACTIVEREQUEST']._serialized_start=1856
-  _globals['_GETACTIVEREQUEST']._serialized_end=1893
-  _globals['_GETACTIVERESPONSE']._serialized_start=1895
-  _globals['_GETACTIVERESPONSE']._serialized_end=1943
-  _globals['_GETRUNREQUEST']._serialized_start=1945
-  _globals['_GETRUNREQUEST']._serialized_end=1976
-  _globals['_GETRUNRESPONSE']._serialized_start=1978
-  _globals['_GETRUNRESPONSE']._serialized_end=2023
-  _globals['_LISTRUNSREQUEST']._serialized_start=2025
-  _globals['_LISTRUNSREQUEST']._serialized_end=2137
-  _globals['_LISTRUNSRESPONSE']._serialized_start=2139
-  _globals['_LISTRUNSRESPONSE']._serialized_end=2212
-  _globals['_CANCELREQUEST']._serialized_start=2214
-  _globals['_CANCELREQUEST']._serialized_end=2261
-  _globals['_CANCELRESPONSE']._serialized_start=2263
-  _globals['_CANCELRESPONSE']._serialized_end=2308
-  _globals['_FORCECANCELREQUEST']._serialized_start=2310
-  _globals['_FORCECANCELREQUEST']._serialized_end=2362
-  _globals['_FORCECANCELRESPONSE']._serialized_start=2365
-  _globals['_FORCECANCELRESPONSE']._serialized_end=2494
-  _globals['_RUNSERVICE']._serialized_start=3029
-  _globals['_RUNSERVICE']._serialized_end=3824
+  _globals['_ACQUIREJOBSREQUEST']._serialized_end=1398
+  _globals['_ACQUIREJOBSRESPONSE']._serialized_start=1400
+  _globals['_ACQUIREJOBSRESPONSE']._serialized_end=1471
+  _globals['_JOBRESULT']._serialized_start=1473
+  _globals['_JOBRESULT']._serialized_end=1555
+  _globals['_REPORTJOBSREQUEST']._serialized_start=1557
+  _globals['_REPORTJOBSREQUEST']._serialized_end=1652
+  _globals['_REPORTJOBSRESPONSE']._serialized_start=1654
+  _globals['_REPORTJOBSRESPONSE']._serialized_end=1712
+  _globals['_FINISHRUNREQUEST']._serialized_start=1714
+  _globals['_FINISHRUNREQUEST']._serialized_end=1824
+  _globals['_FINISHRUNRESPONSE']._serialized_start=1826
+  _globals['_FINISHRUNRESPONSE']._serialized_end=1874
+  _globals['_GETACTIVEREQUEST']._serialized_start=1876
+  _globals['_GETACTIVEREQUEST']._serialized_end=1913
+  _globals['_GETACTIVERESPONSE']._serialized_start=1915
+  _globals['_GETACTIVERESPONSE']._serialized_end=1963
+  _globals['_GETRUNREQUEST']._serialized_start=1965
+  _globals['_GETRUNREQUEST']._serialized_end=1996
+  _globals['_GETRUNRESPONSE']._serialized_start=1998
+  _globals['_GETRUNRESPONSE']._serialized_end=2043
+  _globals['_LISTRUNSREQUEST']._serialized_start=2045
+  _globals['_LISTRUNSREQUEST']._serialized_end=2157
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2159
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2232
+  _globals['_CANCELREQUEST']._serialized_start=2234
+  _globals['_CANCELREQUEST']._serialized_end=2281
+  _globals['_CANCELRESPONSE']._serialized_start=2283
+  _globals['_CANCELRESPONSE']._serialized_end=2328
+  _globals['_FORCECANCELREQUEST']._serialized_start=2330
+  _globals['_FORCECANCELREQUEST']._serialized_end=2382
+  _globals['_FORCECANCELRESPONSE']._serialized_start=2385
+  _globals['_FORCECANCELRESPONSE']._serialized_end=2514
+  _globals['_RUNSERVICE']._serialized_start=3049
+  _globals['_RUNSERVICE']._serialized_end=3844
 # @@protoc_insertion_point(module_scope)

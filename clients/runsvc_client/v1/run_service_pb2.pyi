@@ -185,14 +185,16 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, cancel_requested: _Optional[bool] = ..., stale_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AcquireJobsRequest(_message.Message):
-    __slots__ = ("run_id", "lease_epoch", "max_jobs")
+    __slots__ = ("run_id", "lease_epoch", "max_jobs", "request_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     lease_epoch: int
     max_jobs: int
-    def __init__(self, run_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., max_jobs: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, run_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., max_jobs: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AcquireJobsResponse(_message.Message):
     __slots__ = ("jobs", "free_slots")

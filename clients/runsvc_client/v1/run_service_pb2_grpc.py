@@ -137,7 +137,8 @@ class RunServiceServicer:
 
     def AcquireJobs(self, request, context):
         """Hands out queued jobs, marking them in progress, never more than the
-        tenant's free concurrency slots.
+        tenant's free concurrency slots. Idempotent on request_id: a repeat
+        answers the jobs the first call took that are still in progress.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
