@@ -526,7 +526,7 @@ class Settings:
         "RUNSVC_SLOT_ORPHAN_GRACE_SECONDS",
         10.0,
         _positive_float,
-        "the reconciler removes a slot no job holds only once it is this old",
+        "the reconciler removes a slot no job holds only once it was granted this long ago",
     )
     slot_reconcile_interval_seconds: float = setting(
         "redis",

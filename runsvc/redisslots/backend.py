@@ -98,25 +98,33 @@ class RedisSlotStore:
         """(free left, granted members); free is -1 when the set waits to be rebuilt."""
         out = self._call(
             lambda: self._acquire(
-                keys=[self.keys.slots(tenant_id), self.keys.ready],
+                keys=[
+                    self.keys.slots(tenant_id),
+                    self.keys.ready,
+                    self.keys.granted(tenant_id),
+                ],
                 args=[limit, self.ttl_ms, *members],
             )
         )
         assert isinstance(out, list)
         return int(out[0]), [str(m) for m in out[1:]]
 
+    def _tenant_keys(self, tenant_id: str) -> list[str]:
+        """The keys of every script but ACQUIRE: the slot set, then its grant times."""
+        return [self.keys.slots(tenant_id), self.keys.granted(tenant_id)]
+
     def release(self, tenant_id: str, members: Sequence[str]) -> int:
         if not members:
             return 0
         return int(
-            self._call(lambda: self._release(keys=[self.keys.slots(tenant_id)], args=list(members)))
+            self._call(lambda: self._release(keys=self._tenant_keys(tenant_id), args=list(members)))
         )
 
     def refresh(self, tenant_id: str, run_id: str, lease_epoch: int) -> int:
         prefix = f"{run_id}{HeldSlot.SEPARATOR}{lease_epoch}{HeldSlot.SEPARATOR}"
         return int(
             self._call(
-                lambda: self._refresh(keys=[self.keys.slots(tenant_id)], args=[self.ttl_ms, prefix])
+                lambda: self._refresh(keys=self._tenant_keys(tenant_id), args=[self.ttl_ms, prefix])
             )
         )
 
@@ -126,7 +134,7 @@ class RedisSlotStore:
         return int(
             self._call(
                 lambda: self._restore(
-                    keys=[self.keys.slots(tenant_id)], args=[self.ttl_ms, *members]
+                    keys=self._tenant_keys(tenant_id), args=[self.ttl_ms, *members]
                 )
             )
         )
@@ -137,13 +145,14 @@ class RedisSlotStore:
         return int(
             self._call(
                 lambda: self._remove_orphans(
-                    keys=[self.keys.slots(tenant_id)], args=[self.ttl_ms, grace_ms, *members]
+                    keys=self._tenant_keys(tenant_id),
+                    args=[self.ttl_ms, grace_ms, *members],
                 )
             )
         )
 
     def live(self, tenant_id: str) -> list[str]:
-        out = self._call(lambda: self._live(keys=[self.keys.slots(tenant_id)], args=[]))
+        out = self._call(lambda: self._live(keys=self._tenant_keys(tenant_id), args=[]))
         assert isinstance(out, list)
         return [str(m) for m in out]
 

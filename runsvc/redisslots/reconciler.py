@@ -11,7 +11,11 @@ the jobs in progress, so that every race resolves safely:
 * a slot restored for a job that left progress meanwhile is removed again
   once a second read shows that job out of progress;
 * a slot whose AcquireJobs has not committed yet looks orphaned; it is only
-  removed once untouched for the grace period (far longer than a transaction).
+  removed once it was granted longer ago than the grace period (far longer
+  than a transaction). Its grant time decides, not its expiry: the lease
+  holder's heartbeats refresh every slot of its run, so a slot reserved by a
+  replica that died before its commit would otherwise look fresh for as long
+  as the run heartbeats, and hold a slot of the tenant's limit all that time.
 
 Replicas take turns: a periodic pass needs the reconciler's lease for the
 interval (:mod:`runsvc.periodic`), so the fleet compares about once per

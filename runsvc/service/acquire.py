@@ -6,8 +6,9 @@ slots and takes that many jobs, race-free because it holds the run's row lock
 (PostgreSQL) or the write lock (SQLite). :class:`TakeReserved` serves slots kept
 outside the database (Redis): they are reserved before the transaction, the
 jobs are taken in it, and what it did not use goes back. A crash between the two
-can only leave a slot that no job holds (it expires, or the reconciler removes
-it), never a job in progress without its slot.
+can only leave a slot that no job holds (the reconciler removes it once the
+grace period since its grant has passed, or it expires if its run stops
+heartbeating), never a job in progress without its slot.
 
 Both take jobs under the call's token (:func:`runsvc.domain.grant_token`) and
 first look for jobs already taken under it: the jobs of a call whose answer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import cast
 
 import redis
 from sqlalchemy import func, select
@@ -10,6 +11,7 @@ from sqlalchemy import func, select
 from runsvc.clock import Clock
 from runsvc.domain import JobSpec, LivenessPolicy
 from runsvc.redisslots import sync as slot_sync
+from runsvc.redisslots.backend import RedisSlotStore
 from runsvc.server import redis_slot_config
 from runsvc.service import RunService
 from runsvc.service.acquire import TakeReserved
@@ -58,6 +60,27 @@ def replica(
 
 def live(client: redis.Redis, prefix: str, tenant: str) -> set[str]:
     return {str(m) for m in client.zrange(f"{prefix}slots:{tenant}", 0, -1)}
+
+
+def grant_times(store: RedisSlotStore, tenant: str) -> dict[str, int]:
+    """Each member's grant time (ms, Redis's clock), as the scripts keep it."""
+    raw = cast(dict[str, str], store.client.hgetall(store.keys.granted(tenant)))
+    return {m: int(float(t)) for m, t in raw.items()}
+
+
+def backdate(store: RedisSlotStore, tenant: str, seconds: float) -> None:
+    """As if ``seconds`` passed on Redis's clock: every slot of the tenant was granted,
+    and last refreshed, that much earlier (its expiry and its grant time move back)."""
+    shift = seconds * 1000
+    key = store.keys.slots(tenant)
+    expiries = cast(list[tuple[str, float]], store.client.zrange(key, 0, -1, withscores=True))
+    if expiries:
+        store.client.zadd(key, {m: s - shift for m, s in expiries}, xx=True)
+    granted = grant_times(store, tenant)
+    if granted:
+        store.client.hset(
+            store.keys.granted(tenant), mapping={m: int(t - shift) for m, t in granted.items()}
+        )
 
 
 def in_progress(service: RunService, tenant: str | None = None) -> int:

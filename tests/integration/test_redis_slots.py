@@ -14,10 +14,13 @@ from runsvc.domain import HeldSlot, JobOutcome, JobResult, RunOutcome
 from runsvc.errors import RunsvcError
 from runsvc.reaper import Reaper
 from runsvc.slots import SlotLimits
+from runsvc.store import jobs as job_store
 from tests.conftest import BACKEND, WORKER
 from tests.integration.redis_helpers import (
     Replica,
     acquire,
+    backdate,
+    grant_times,
     in_progress,
     live,
     outbox_rows,
@@ -53,6 +56,16 @@ def one(db_url: str, clock: FakeClock, redis_url: str, redis_prefix: str) -> Ite
         orphan_grace_seconds=0.2,
     )
     r.sync.reconciler.pass_once()  # marks the empty set ready, as a server start does
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def patient(db_url: str, clock: FakeClock, redis_url: str, redis_prefix: str) -> Iterator[Replica]:
+    """A replica with the production grace (10 s): whatever a test grants is within it,
+    until the test moves Redis's times back (``backdate``)."""
+    r = replica(db_url, clock, redis_url=redis_url, prefix=redis_prefix, limits=SlotLimits(5))
+    r.sync.reconciler.pass_once()
     yield r
     r.close()
 
@@ -256,20 +269,121 @@ def test_reconciler_removes_orphans_and_restores_missing_slots(
     client.zrem(key, lost)  # a slot Redis lost
     # A slot no job holds: an AcquireJobs that died before its transaction.
     orphan = HeldSlot(claim.run.id, claim.lease_epoch, "no-such-job", "dead").member
-    client.zadd(key, {orphan: 1e15})
+    assert one.sync.store.acquire("t1", limit=LIMIT, members=[orphan])[1] == [orphan]
     report = one.sync.reconciler.pass_once()
     # Fresh orphans are kept for the grace period (their transaction may be running).
     assert report.missing_restored == 1
     assert orphan in live(client, redis_prefix, "t1")
-    # ... then untouched for a minute, yet not expired: removed.
-    seconds, _ = client.time()
-    client.zadd(key, {orphan: (seconds - 60) * 1000 + one.sync.store.ttl_ms}, xx=True)
+    # ... then granted a minute ago, yet not expired: removed.
+    backdate(one.sync.store, "t1", 60)
     report = one.sync.reconciler.pass_once()
     assert live(client, redis_prefix, "t1") == members
     assert (report.orphans_removed, report.missing_restored) == (1, 0)
     counts = one.sync.metrics.counts()
     assert (counts.missing_restored, counts.orphans_removed) == (1, 1)
     assert len(got.jobs) == 2
+
+
+def test_orphans_of_a_heartbeating_run_are_removed_once_granted_longer_ago_than_the_grace(
+    patient: Replica, client: redis.Redis, redis_prefix: str
+) -> None:
+    one = patient
+    service, slots = one.service, one.sync.slots
+    claim = start_run(service, "t1", 9)
+
+    def reserve(token: str, job_count: int) -> list[HeldSlot]:
+        job_ids = service.context.db.run(
+            lambda conn: job_store.queued_ids(conn, claim.run.id, tenant_id="t1", limit=job_count)
+        )
+        return slots.reserve(
+            tenant_id="t1",
+            run_id=claim.run.id,
+            lease_epoch=claim.lease_epoch,
+            token=token,
+            job_ids=job_ids,
+        ).granted
+
+    assert len(acquire(service, "t1", claim, 2).jobs) == 2
+    held = live(client, redis_prefix, "t1")
+    # A replica reserved slots for the next two jobs, then died before its transaction.
+    orphans = {slot.member for slot in reserve("dead", 2)}
+    assert len(orphans) == 2
+    assert one.sync.reconciler.pass_once().orphans_removed == 0  # granted within the grace
+    # A minute passes with the run heartbeating all along: every slot of its lease,
+    # the orphans included, is refreshed.
+    backdate(one.sync.store, "t1", 60)
+    service.worker.heartbeat(
+        tenant_id="t1", run_id=claim.run.id, lease_epoch=claim.lease_epoch, caller=WORKER
+    )
+    assert one.sync.relay.refresh_once() == 4
+    # Another AcquireJobs of the run reserved a slot just now; its transaction runs still.
+    running = reserve("running", 1)
+    assert len(running) == 1
+    assert acquire(service, "t1", claim, 5).jobs == []  # the tenant's limit is used up
+
+    report = one.sync.reconciler.pass_once()
+    assert report.orphans_removed == 2
+    in_flight = {slot.member for slot in running}
+    assert live(client, redis_prefix, "t1") == held | in_flight
+    assert grant_times(one.sync.store, "t1").keys() == held | in_flight
+    # The transaction failed after all: its slot goes back, and the run takes jobs again.
+    slots.give_back(tenant_id="t1", slots=running)
+    assert len(acquire(service, "t1", claim, 5).jobs) == 3
+    assert in_progress(service, "t1") == 5
+
+
+def test_a_slot_without_a_grant_time_is_aged_from_its_refresh_then_no_more(
+    patient: Replica, client: redis.Redis, redis_prefix: str
+) -> None:
+    """A slot written before grant times were kept: a pass that finds it without a job
+    keeps its last refresh as its grant time, so heartbeats cannot keep it young."""
+    one = patient
+    store = one.sync.store
+    claim = start_run(one.service, "t1", 3)
+    orphan = HeldSlot(claim.run.id, claim.lease_epoch, "j-gone", "old").member
+    seconds, micros = client.time()
+    refreshed = seconds * 1000 + micros // 1000
+    client.zadd(store.keys.slots("t1"), {orphan: refreshed + store.ttl_ms})
+    assert one.sync.reconciler.pass_once().orphans_removed == 0  # refreshed within the grace
+    assert grant_times(store, "t1") == {orphan: refreshed}
+    backdate(store, "t1", 60)
+    one.service.worker.heartbeat(
+        tenant_id="t1", run_id=claim.run.id, lease_epoch=claim.lease_epoch, caller=WORKER
+    )
+    assert one.sync.relay.refresh_once() == 1
+    assert one.sync.reconciler.pass_once().orphans_removed == 1
+    assert (live(client, redis_prefix, "t1"), grant_times(store, "t1")) == (set(), {})
+
+
+def test_grant_times_follow_their_slots(
+    one: Replica, client: redis.Redis, redis_prefix: str
+) -> None:
+    store = one.sync.store
+    claim = start_run(one.service, "t1", 6)
+    first = acquire(one.service, "t1", claim, 2).jobs
+    assert grant_times(store, "t1").keys() == live(client, redis_prefix, "t1")
+    # The hash outlives no slot: it expires with the last refresh's lifetime.
+    assert 0 < cast(int, client.pttl(store.keys.granted("t1"))) <= store.ttl_ms
+    # Expired slots are dropped with their grant times when a grant makes room.
+    backdate(store, "t1", store.ttl_ms / 1000 + 1)
+    second = acquire(one.service, "t1", claim, 2).jobs
+    assert len(second) == 2
+    assert len(grant_times(store, "t1")) == 2
+    assert grant_times(store, "t1").keys() == live(client, redis_prefix, "t1")
+    # A grant time whose slot is gone (the set lost without its hash) goes with the next look.
+    client.hset(store.keys.granted("t1"), "lost|1|j|t", 1)
+    one.sync.reconciler.pass_once()
+    assert grant_times(store, "t1").keys() == live(client, redis_prefix, "t1")
+    # Released slots take their grant times with them.
+    one.service.worker.report_jobs(
+        tenant_id="t1",
+        run_id=claim.run.id,
+        lease_epoch=claim.lease_epoch,
+        results=[JobResult(j.id, JobOutcome.COMPLETED) for j in [*first, *second]],
+        caller=WORKER,
+    )
+    assert (live(client, redis_prefix, "t1"), grant_times(store, "t1")) == (set(), {})
+    assert not client.exists(store.keys.granted("t1"))
 
 
 def test_redis_emptied_grants_nothing_until_rebuilt(
