@@ -46,10 +46,16 @@ class SlotLimits:
 
 @dataclass(frozen=True)
 class Reservation:
-    """Slots granted ahead of a transaction, and how many stay free after them."""
+    """Slots granted ahead of a transaction, and how many stay free after them.
+
+    ``again``: slots an earlier try of the same call reserved (they carry its token), held
+    by this try too. That try may have died before its transaction, or committed it: they
+    are not this try's to give back.
+    """
 
     granted: list[HeldSlot]
     free: int
+    again: list[HeldSlot] = field(default_factory=list)
 
 
 @dataclass

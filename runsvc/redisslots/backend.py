@@ -94,8 +94,9 @@ class RedisSlotStore:
 
     def acquire(
         self, tenant_id: str, *, limit: int, members: Sequence[str]
-    ) -> tuple[int, list[str]]:
-        """(free left, granted members); free is -1 when the set waits to be rebuilt."""
+    ) -> tuple[int, list[str], list[str]]:
+        """(free left, members granted now, members an earlier try of the same call holds);
+        free is -1 when the set waits to be rebuilt."""
         out = self._call(
             lambda: self._acquire(
                 keys=[
@@ -107,7 +108,10 @@ class RedisSlotStore:
             )
         )
         assert isinstance(out, list)
-        return int(out[0]), [str(m) for m in out[1:]]
+        if int(out[0]) < 0:
+            return -1, [], []
+        held = [str(m) for m in out[2:]]
+        return int(out[0]), held[: int(out[1])], held[int(out[1]) :]
 
     def _tenant_keys(self, tenant_id: str) -> list[str]:
         """The keys of every script but ACQUIRE: the slot set, then its grant times."""
@@ -197,7 +201,7 @@ class RedisSlots:
     ) -> Reservation:
         wanted = [HeldSlot(run_id, lease_epoch, job_id, token) for job_id in job_ids]
         try:
-            free, granted = self.store.acquire(
+            free, granted, again = self.store.acquire(
                 tenant_id,
                 limit=self.limits.limit(tenant_id),
                 members=[held.member for held in wanted],
@@ -209,7 +213,9 @@ class RedisSlots:
             # Redis lost its slots (restart, flush): grant nothing until they are rebuilt.
             self._not_ready()
             return Reservation([], 0)
-        return Reservation([HeldSlot.parse(m) for m in granted], free)
+        return Reservation(
+            [HeldSlot.parse(m) for m in granted], free, [HeldSlot.parse(m) for m in again]
+        )
 
     def give_back(self, *, tenant_id: str, slots: Sequence[HeldSlot]) -> None:
         try:

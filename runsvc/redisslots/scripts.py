@@ -78,9 +78,14 @@ end
 ACQUIRE = (
     """
 -- Grant slots to members, in the order given, while the tenant is under its limit.
+-- A member already in the set names this very call (a slot's name holds its call's token):
+-- an earlier try reserved it and may have died before its transaction. It is held again,
+-- refreshed, and takes no other slot; otherwise a repeat would find its own reservations
+-- in the way until the reconciler removed them.
 -- KEYS[1] the tenant's slot set; KEYS[2] the ready marker; KEYS[3] the tenant's grant times
 -- ARGV[1] the tenant's limit; ARGV[2] slot lifetime (ms); ARGV[3..] members to grant
--- returns {free slots left, granted member...}; {-1} when the set is not rebuilt yet
+-- returns {free slots left, n, n granted members..., members held again...};
+-- {-1} when the set is not rebuilt yet
 """
     + _NOW_MS
     + _DROP_EXPIRED
@@ -92,20 +97,25 @@ end
 drop_expired(KEYS[1], KEYS[3], now)
 local ttl = tonumber(ARGV[2])
 local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
-local out = {0}
+local granted, again = {}, {}
 for i = 3, #ARGV do
-  if free <= 0 then break end
-  if redis.call('ZADD', KEYS[1], 'NX', now + ttl, ARGV[i]) == 1 then
-    redis.call('HSET', KEYS[3], ARGV[i], now)
+  local m = ARGV[i]
+  if redis.call('ZSCORE', KEYS[1], m) then
+    redis.call('ZADD', KEYS[1], 'XX', now + ttl, m)
+    again[#again + 1] = m
+  elseif free > 0 and redis.call('ZADD', KEYS[1], 'NX', now + ttl, m) == 1 then
+    redis.call('HSET', KEYS[3], m, now)
     free = free - 1
-    out[#out + 1] = ARGV[i]
+    granted[#granted + 1] = m
   end
 end
-if #out > 1 then
+if #granted + #again > 0 then
   keep_grants(KEYS[3], ttl)
 end
 if free < 0 then free = 0 end
-out[1] = free
+local out = {free, #granted}
+for _, m in ipairs(granted) do out[#out + 1] = m end
+for _, m in ipairs(again) do out[#out + 1] = m end
 return out
 """
 )

@@ -14,7 +14,8 @@ Both take jobs under the call's token (:func:`runsvc.domain.grant_token`) and
 first look for jobs already taken under it: the jobs of a call whose answer
 was lost hold the tenant's slots until the run ends, so its repeat must hand
 them out again rather than take others, or a run whose batch fills its slots
-could never take a job again.
+could never take a job again. Likewise a repeat finds the Redis slots an
+earlier try reserved (their names carry the token) and holds them again.
 """
 
 from __future__ import annotations
@@ -131,16 +132,16 @@ class TakeReserved:
             token=wanted.token,
             job_ids=candidates,
         )
-        if not reservation.granted:
+        if not reservation.granted and not reservation.again:
             return Acquired([], reservation.free)
-        granted = {held.job_id: held for held in reservation.granted}
+        granted = {held.job_id: held for held in [*reservation.granted, *reservation.again]}
 
         def take(conn: Connection, now: datetime, notes: Notes) -> Acquired:
             row = hold(conn, now)
             # The lease's row is held from here: a try of this call that ran
             # alongside (its answer given up on) committed already or waits.
             again = [] if row.cancel_requested else wanted.taken_before(conn, tenant_id)
-            taken = []
+            taken: list[Job] = []
             if not row.cancel_requested and not again:
                 taken = job_store.take_reserved(
                     conn,
@@ -151,7 +152,8 @@ class TakeReserved:
                     slot_token=wanted.token,
                     now=now,
                 )
-            used = {job.id for job in taken}
+            # A slot held again is the slot of its job if that try committed.
+            used = {job.id for job in again or taken}
             unused = [held for job_id, held in granted.items() if job_id not in used]
             # Another call of this lease took some of these jobs meanwhile: the
             # slots reserved for them go back, recorded with this commit.
@@ -169,7 +171,8 @@ class TakeReserved:
         try:
             return ctx.transact(take, caller=wanted.caller)
         except Exception:
-            # Nothing committed: every reserved slot goes back (if this fails
-            # too, they expire or the reconciler removes them).
+            # Nothing committed: every slot this try reserved goes back (if this fails
+            # too, they expire or the reconciler removes them). Those held again stay:
+            # their try may have committed; if not, the reconciler removes them.
             self._slots.give_back(tenant_id=tenant_id, slots=reservation.granted)
             raise

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from runsvc.clock import FakeClock
-from runsvc.domain import HeldSlot, JobOutcome, JobResult, RunOutcome
+from runsvc.domain import HeldSlot, JobOutcome, JobResult, RunOutcome, grant_token
 from runsvc.errors import RunsvcError
 from runsvc.reaper import Reaper
 from runsvc.slots import SlotLimits
@@ -248,6 +248,34 @@ def test_a_repeated_acquire_hands_out_what_the_first_took(
     assert ([j.id for j in again.jobs], again.free_slots) == ([j.id for j in first.jobs[1:]], 1)
     assert len(acquire(service, "t1", claim, LIMIT, request_id="r3").jobs) == 1
     assert (in_progress(service, "t1"), len(live(client, redis_prefix, "t1"))) == (LIMIT, LIMIT)
+
+
+def test_a_repeat_holds_again_the_slots_of_a_try_that_died_before_its_commit(
+    one: Replica, client: redis.Redis, redis_prefix: str
+) -> None:
+    service = one.service
+    claim = start_run(service, "t1", LIMIT + 2)
+    # A try of call r1 reserved slots for the first jobs, then its replica died before the
+    # transaction that takes them: the slots hold the tenant's whole limit, under r1's names.
+    first_ids = service.context.db.run(
+        lambda conn: job_store.queued_ids(conn, claim.run.id, tenant_id="t1", limit=LIMIT)
+    )
+    dead = one.sync.slots.reserve(
+        tenant_id="t1",
+        run_id=claim.run.id,
+        lease_epoch=claim.lease_epoch,
+        token=grant_token("r1"),
+        job_ids=first_ids,
+    )
+    assert (len(dead.granted), dead.again) == (LIMIT, [])
+    reserved = live(client, redis_prefix, "t1")
+    # Another call finds no slot free; the repeat of r1 takes those jobs under those slots.
+    assert acquire(service, "t1", claim, LIMIT, request_id="r2").jobs == []
+    again = acquire(service, "t1", claim, LIMIT, request_id="r1")
+    assert [j.id for j in again.jobs] == first_ids
+    assert live(client, redis_prefix, "t1") == reserved
+    assert in_progress(service, "t1") == LIMIT
+    assert one.sync.reconciler.pass_once().orphans_removed == 0
 
 
 def test_limit_per_tenant_override(one: Replica, client: redis.Redis, redis_prefix: str) -> None:
