@@ -46,7 +46,9 @@ class Acquired:
 @dataclass(frozen=True)
 class Wanted:
     """One AcquireJobs call: the lease, how many jobs at most, who asks, how to hold
-    the lease in a transaction, and the token that names what the call takes."""
+    the lease in a transaction, and the token that names what the call takes;
+    ``repeatable`` when the caller named the call (its request_id), so that a try
+    of it can have come before."""
 
     run_id: str
     lease_epoch: int
@@ -54,9 +56,12 @@ class Wanted:
     caller: Caller
     hold: Hold
     token: str
+    repeatable: bool = True
 
     def taken_before(self, conn: Connection, tenant_id: str) -> list[Job]:
         """The jobs an earlier try of this call took, still in progress (empty: none)."""
+        if not self.repeatable:  # a token of its own: nothing can be under it yet
+            return []
         return job_store.taken_by(
             conn,
             self.run_id,

@@ -201,7 +201,9 @@ class WorkerUseCases:
                 raise lease_lost(visible, lease_epoch)
             return touched
 
-        wanted = Wanted(run_id, lease_epoch, max_jobs, caller, hold, grant_token(request_id))
+        wanted = Wanted(
+            run_id, lease_epoch, max_jobs, caller, hold, grant_token(request_id), bool(request_id)
+        )
         return self._taking.acquire(self._ctx, wanted)
 
     def report_jobs(
