@@ -260,8 +260,9 @@ class LivenessPolicy:
 class HeldSlot:
     """One job's slot, named by its run, the lease epoch that took it, its job and a token.
 
-    The token is new for every AcquireJobs call (:func:`grant_token`), so a
-    name is never granted twice: releasing it can only ever free that one grant.
+    The token is new for every AcquireJobs call (:func:`grant_token`), so two
+    calls never share a name (tries of one call do: a name granted again is held
+    again) and releasing it can only ever free that one grant.
     """
 
     run_id: str

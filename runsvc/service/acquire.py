@@ -56,7 +56,7 @@ class Wanted:
     caller: Caller
     hold: Hold
     token: str
-    repeatable: bool = True
+    repeatable: bool
 
     def taken_before(self, conn: Connection, tenant_id: str) -> list[Job]:
         """The jobs an earlier try of this call took, still in progress (empty: none)."""
