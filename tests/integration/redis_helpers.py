@@ -9,7 +9,7 @@ import redis
 from sqlalchemy import func, select
 
 from runsvc.clock import Clock
-from runsvc.domain import JobSpec, LivenessPolicy
+from runsvc.domain import Job, JobOutcome, JobResult, JobSpec, LivenessPolicy
 from runsvc.redisslots import sync as slot_sync
 from runsvc.redisslots.backend import RedisSlotStore
 from runsvc.server import redis_slot_config
@@ -17,7 +17,8 @@ from runsvc.service import RunService
 from runsvc.service.acquire import TakeReserved
 from runsvc.service.worker import Acquired, Claim
 from runsvc.settings import Settings
-from runsvc.slots import SlotLimits
+from runsvc.slots import Reservation, SlotLimits
+from runsvc.store import jobs as job_store
 from runsvc.store.engine import Database, make_engine
 from runsvc.store.schema import jobs, slot_releases
 from tests.conftest import BACKEND, WORKER
@@ -122,3 +123,32 @@ def acquire(
         request_id=request_id,
         caller=WORKER,
     )
+
+
+def report_completed(service: RunService, tenant: str, claim: Claim, taken: list[Job]) -> None:
+    service.worker.report_jobs(
+        tenant_id=tenant,
+        run_id=claim.run.id,
+        lease_epoch=claim.lease_epoch,
+        results=[JobResult(job.id, JobOutcome.COMPLETED) for job in taken],
+        caller=WORKER,
+    )
+
+
+def reserve_for_a_dead_try(
+    one: Replica, tenant: str, claim: Claim, *, token: str, job_count: int
+) -> tuple[list[str], Reservation]:
+    """What a replica that died before its transaction leaves: slots reserved under
+    ``token`` for the run's next queued jobs, which stay queued. The job ids, and the
+    reservation."""
+    job_ids = one.service.context.db.run(
+        lambda conn: job_store.queued_ids(conn, claim.run.id, tenant_id=tenant, limit=job_count)
+    )
+    reservation = one.sync.slots.reserve(
+        tenant_id=tenant,
+        run_id=claim.run.id,
+        lease_epoch=claim.lease_epoch,
+        token=token,
+        job_ids=job_ids,
+    )
+    return job_ids, reservation

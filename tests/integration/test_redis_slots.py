@@ -10,11 +10,10 @@ import pytest
 import redis
 
 from runsvc.clock import FakeClock
-from runsvc.domain import HeldSlot, JobOutcome, JobResult, RunOutcome, grant_token
+from runsvc.domain import HeldSlot, RunOutcome, grant_token
 from runsvc.errors import RunsvcError
 from runsvc.reaper import Reaper
 from runsvc.slots import SlotLimits
-from runsvc.store import jobs as job_store
 from tests.conftest import BACKEND, WORKER
 from tests.integration.redis_helpers import (
     Replica,
@@ -25,6 +24,8 @@ from tests.integration.redis_helpers import (
     live,
     outbox_rows,
     replica,
+    report_completed,
+    reserve_for_a_dead_try,
     start_run,
 )
 
@@ -102,13 +103,7 @@ def test_limit_holds_under_two_replicas_and_many_threads(
                 redis_peak.append(len(live(client, redis_prefix, "t1")))
                 pg_peak.append(in_progress(first, "t1"))
                 if got.jobs:
-                    service.worker.report_jobs(
-                        tenant_id="t1",
-                        run_id=claim.run.id,
-                        lease_epoch=claim.lease_epoch,
-                        results=[JobResult(j.id, JobOutcome.COMPLETED) for j in got.jobs],
-                        caller=WORKER,
-                    )
+                    report_completed(service, "t1", claim, got.jobs)
         except (RunsvcError, threading.BrokenBarrierError) as error:
             errors.append(error)
 
@@ -194,13 +189,7 @@ def test_unused_reservations_go_back_and_reports_free_slots(
     assert len(got.jobs) == 2
     assert got.free_slots == LIMIT - 2
     assert len(live(client, redis_prefix, "t1")) == 2
-    service.worker.report_jobs(
-        tenant_id="t1",
-        run_id=claim.run.id,
-        lease_epoch=claim.lease_epoch,
-        results=[JobResult(got.jobs[0].id, JobOutcome.COMPLETED)],
-        caller=WORKER,
-    )
+    report_completed(service, "t1", claim, [got.jobs[0]])
     remaining = live(client, redis_prefix, "t1")
     assert len(remaining) == 1
     assert HeldSlot.parse(remaining.pop()).job_id == got.jobs[1].id
@@ -237,13 +226,7 @@ def test_a_repeated_acquire_hands_out_what_the_first_took(
     assert acquire(service, "t1", claim, LIMIT, request_id="r2").jobs == []
     assert (in_progress(service, "t1"), len(live(client, redis_prefix, "t1"))) == (LIMIT, LIMIT)
     # A result reported meanwhile: the repeat hands out the rest, and takes nothing new.
-    service.worker.report_jobs(
-        tenant_id="t1",
-        run_id=claim.run.id,
-        lease_epoch=claim.lease_epoch,
-        results=[JobResult(first.jobs[0].id, JobOutcome.COMPLETED)],
-        caller=WORKER,
-    )
+    report_completed(service, "t1", claim, [first.jobs[0]])
     again = acquire(service, "t1", claim, LIMIT, request_id="r1")
     assert ([j.id for j in again.jobs], again.free_slots) == ([j.id for j in first.jobs[1:]], 1)
     assert len(acquire(service, "t1", claim, LIMIT, request_id="r3").jobs) == 1
@@ -257,15 +240,8 @@ def test_a_repeat_holds_again_the_slots_of_a_try_that_died_before_its_commit(
     claim = start_run(service, "t1", LIMIT + 2)
     # A try of call r1 reserved slots for the first jobs, then its replica died before the
     # transaction that takes them: the slots hold the tenant's whole limit, under r1's names.
-    first_ids = service.context.db.run(
-        lambda conn: job_store.queued_ids(conn, claim.run.id, tenant_id="t1", limit=LIMIT)
-    )
-    dead = one.sync.slots.reserve(
-        tenant_id="t1",
-        run_id=claim.run.id,
-        lease_epoch=claim.lease_epoch,
-        token=grant_token("r1"),
-        job_ids=first_ids,
+    first_ids, dead = reserve_for_a_dead_try(
+        one, "t1", claim, token=grant_token("r1"), job_count=LIMIT
     )
     assert (len(dead.granted), dead.again) == (LIMIT, [])
     reserved = live(client, redis_prefix, "t1")
@@ -320,16 +296,7 @@ def test_orphans_of_a_heartbeating_run_are_removed_once_granted_longer_ago_than_
     claim = start_run(service, "t1", 9)
 
     def reserve(token: str, job_count: int) -> list[HeldSlot]:
-        job_ids = service.context.db.run(
-            lambda conn: job_store.queued_ids(conn, claim.run.id, tenant_id="t1", limit=job_count)
-        )
-        return slots.reserve(
-            tenant_id="t1",
-            run_id=claim.run.id,
-            lease_epoch=claim.lease_epoch,
-            token=token,
-            job_ids=job_ids,
-        ).granted
+        return reserve_for_a_dead_try(one, "t1", claim, token=token, job_count=job_count)[1].granted
 
     assert len(acquire(service, "t1", claim, 2).jobs) == 2
     held = live(client, redis_prefix, "t1")
@@ -403,13 +370,7 @@ def test_grant_times_follow_their_slots(
     one.sync.reconciler.pass_once()
     assert grant_times(store, "t1").keys() == live(client, redis_prefix, "t1")
     # Released slots take their grant times with them.
-    one.service.worker.report_jobs(
-        tenant_id="t1",
-        run_id=claim.run.id,
-        lease_epoch=claim.lease_epoch,
-        results=[JobResult(j.id, JobOutcome.COMPLETED) for j in [*first, *second]],
-        caller=WORKER,
-    )
+    report_completed(one.service, "t1", claim, [*first, *second])
     assert (live(client, redis_prefix, "t1"), grant_times(store, "t1")) == (set(), {})
     assert not client.exists(store.keys.granted("t1"))
 
